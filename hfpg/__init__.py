@@ -1,0 +1,25 @@
+"""hfpg: policy-gradient reinforcement learning (PPO, with REINFORCE and TRPO to come) for Hugging Face causal LMs."""
+
+__version__ = "0.1.0"
+
+from .callbacks import TrainerCallback
+from .config import ConfigError, PGConfig
+from .data import DataError
+from .kl import AdaptiveKLController, FixedKLController
+from .modeling import AutoModelForCausalLMWithValueHead, create_reference_model
+from .rewards import RewardError, RewardFunction
+from .trainer import PGTrainer
+
+__all__ = [
+    "AdaptiveKLController",
+    "AutoModelForCausalLMWithValueHead",
+    "ConfigError",
+    "DataError",
+    "FixedKLController",
+    "PGConfig",
+    "PGTrainer",
+    "RewardError",
+    "RewardFunction",
+    "TrainerCallback",
+    "create_reference_model",
+]

@@ -1,0 +1,19 @@
+"""Callbacks: hooks into the training loop. Subclass and override what you need."""
+
+from __future__ import annotations
+
+
+class TrainerCallback:
+    """Every hook receives the trainer; set ``trainer.should_stop = True`` to end training after this step."""
+
+    def on_train_begin(self, trainer) -> None: ...
+
+    def on_step_end(self, trainer, step: int, metrics: dict[str, float]) -> None: ...
+
+    def on_log(self, trainer, step: int, logs: dict[str, float]) -> None: ...
+
+    def on_evaluate(self, trainer, step: int, metrics: dict[str, float]) -> None: ...
+
+    def on_save(self, trainer, step: int, checkpoint_dir: str) -> None: ...
+
+    def on_train_end(self, trainer) -> None: ...

@@ -1,0 +1,323 @@
+"""Training configuration: one documented dataclass, loadable from YAML with ``key=value`` overrides.
+
+Every problem found is reported in one :class:`ConfigError` before any model is loaded::
+
+    config = PGConfig.from_yaml("my_run.yaml", overrides=["learning_rate=3e-6", "ppo_epochs=2"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message lists every problem and how to fix it."""
+
+    def __init__(self, message: str, problems: list[str] | None = None):
+        super().__init__(message)
+        self.problems = problems or [message]
+
+
+def _f(default, help: str, **kw):
+    """A dataclass field whose one-line doc is kept in ``metadata['help']`` (shown by ``hfpg config --help``)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class PGConfig:
+    """Hyperparameters of a policy-gradient run. Batch sizes count sequences (prompt + completion)."""
+
+    # --- run --------------------------------------------------------------------------------------------------
+    output_dir: str = _f("outputs/hfpg", "Where metrics, TensorBoard logs, checkpoints and the final model go.")
+    seed: int = _f(0, "Random seed; process i uses seed + i so processes sample different completions.")
+    algorithm: str = _f("ppo", "Update rule.", choices=("ppo",))
+    max_steps: int = _f(100, "Number of rollout -> reward -> update iterations.")
+    prompt_column: str = _f("prompt", "Dataset column holding the prompt text; other columns reach the reward.")
+
+    # --- batch sizes ------------------------------------------------------------------------------------------
+    rollout_batch_size: int = _f(16, "Sequences generated per step, summed over all processes.")
+    mini_batch_size: int = _f(8, "Sequences per optimizer step, summed over all processes.")
+    gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step on each process (same update).")
+    forward_batch_size: int | None = _f(
+        None, "Sequences per no-grad forward during rollout on each process (None = the whole local batch)."
+    )
+    ppo_epochs: int = _f(4, "Passes over each rollout batch, each with a fresh permutation.")
+
+    # --- optimisation -----------------------------------------------------------------------------------------
+    learning_rate: float = _f(1e-5, "AdamW learning rate (policy and value head).")
+    lr_scheduler_type: str = _f(
+        "linear", "transformers scheduler name.", choices=("linear", "cosine", "constant", "constant_with_warmup")
+    )
+    warmup_steps: int = _f(0, "Optimizer steps of linear warm-up.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    adam_beta1: float = _f(0.9, "AdamW beta1.")
+    adam_beta2: float = _f(0.999, "AdamW beta2.")
+    adam_epsilon: float = _f(1e-8, "AdamW epsilon.")
+    max_grad_norm: float | None = _f(1.0, "Clip the global gradient norm to this (None = no clipping).")
+    gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass to save memory.")
+    mixed_precision: str = _f("no", "Accelerate mixed precision.", choices=("no", "fp16", "bf16"))
+
+    # --- PPO ----------------------------------------------------------------------------------------------------
+    clip_range: float = _f(0.2, "PPO ratio clip ε: the surrogate uses clip(r, 1-ε, 1+ε).")
+    clip_range_value: float = _f(0.2, "Value clip ε_v around the rollout's values.")
+    vf_coef: float = _f(0.1, "Weight of the value loss.")
+    ent_coef: float = _f(0.0, "Weight of the entropy bonus (0 = off).")
+    gamma: float = _f(1.0, "Discount γ over response tokens.")
+    lam: float = _f(0.95, "GAE λ: 1 = Monte-Carlo returns, 0 = one-step TD.")
+    whiten_advantages: bool = _f(True, "Whiten advantages over real tokens of the global batch.")
+    target_approx_kl: float | None = _f(
+        None, "Stop the current update early once the policy's approx KL to the rollout exceeds this."
+    )
+
+    # --- KL penalty to the reference model --------------------------------------------------------------------
+    kl_coef: float = _f(0.05, "Initial β of the per-token penalty -β·KL(policy || reference).")
+    kl_estimator: str = _f("k1", "Per-token KL estimator.", choices=("k1", "k2", "k3"))
+    adaptive_kl: bool = _f(False, "Adapt β towards kl_target (Ziegler et al. 2019).")
+    kl_target: float = _f(6.0, "Target sequence-level KL (nats) for the adaptive controller.")
+    kl_horizon: int = _f(10000, "Horizon (in sequences) of the adaptive controller.")
+
+    # --- scores and rewards ------------------------------------------------------------------------------------
+    score_scaling: str = _f(
+        "none",
+        "Scale sequence scores: none | running_std (divide by a running std) | whiten (batch mean 0, std 1).",
+        choices=("none", "running_std", "whiten"),
+    )
+    score_clip: float | None = _f(None, "Clip scaled scores to [-score_clip, score_clip] (None = off).")
+    whiten_rewards: bool = _f(False, "Whiten the per-token rewards (mean kept) before GAE.")
+    missing_eos_penalty: float | None = _f(
+        None, "Subtract this from the score of a completion that hit max_new_tokens without a stop token."
+    )
+
+    # --- generation ---------------------------------------------------------------------------------------------
+    max_new_tokens: int = _f(32, "Maximum completion length in tokens.")
+    min_new_tokens: int = _f(0, "Minimum completion length before a stop token may be sampled.")
+    temperature: float = _f(1.0, "Sampling temperature; also divides the logits of old, new and reference logprobs.")
+    top_k: int = _f(0, "Sample from the k most likely tokens (0 = off).")
+    top_p: float = _f(1.0, "Nucleus sampling mass (1.0 = off).")
+    stop_token_ids: list[int] | None = _f(
+        None, "Token ids that end a completion (None = the tokenizer's EOS). Later tokens become padding."
+    )
+    max_prompt_length: int | None = _f(
+        None, "Keep only the last N prompt tokens (None = no truncation; too-long prompts are an error)."
+    )
+
+    # --- logging, evaluation, checkpoints ---------------------------------------------------------------------
+    report_to: list[str] = _f(["tensorboard"], "Accelerate trackers to log to (tensorboard, wandb, ...; [] = none).")
+    logging_steps: int = _f(1, "Log metrics every N steps.")
+    eval_steps: int = _f(0, "Evaluate on eval_dataset every N steps (0 = only when evaluate() is called).")
+    save_steps: int = _f(0, "Save a resumable checkpoint every N steps (0 = never).")
+    save_total_limit: int | None = _f(None, "Keep at most this many checkpoints (oldest deleted first).")
+    disable_dropout: bool = _f(True, "Switch dropout off in policy, value head and reference (PPO needs ratio = 1).")
+    disable_tqdm: bool = _f(False, "Hide the progress bar.")
+
+    # ----------------------------------------------------------------------------------------------------------
+    def __post_init__(self) -> None:
+        if isinstance(self.report_to, str):  # transformers accepts "tensorboard", "none" and "all" as strings
+            self.report_to = [] if self.report_to == "none" else [self.report_to]
+        problems = self.problems()
+        if problems:
+            raise ConfigError(_format_problems(problems), problems)
+
+    # ---- validation --------------------------------------------------------------------------------------------
+    def problems(self, num_processes: int = 1) -> list[str]:
+        """Every inconsistency in this config (empty when it can run on ``num_processes`` processes)."""
+        p: list[str] = []
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices and value not in choices:
+                p.append(f"{f.name}={value!r} is not one of {list(choices)}")
+
+        def positive(name: str, allow_zero: bool = False) -> None:
+            v = getattr(self, name)
+            if v is None or (isinstance(v, float) and math.isnan(v)) or v < 0 or (v == 0 and not allow_zero):
+                p.append(f"{name}={v!r} must be {'>= 0' if allow_zero else '> 0'}")
+
+        for name in ("max_steps", "rollout_batch_size", "mini_batch_size", "gradient_accumulation_steps",
+                     "ppo_epochs", "max_new_tokens", "kl_horizon", "logging_steps", "temperature", "kl_target"):
+            positive(name)
+        for name in ("learning_rate", "warmup_steps", "weight_decay", "clip_range", "clip_range_value", "vf_coef",
+                     "ent_coef", "kl_coef", "min_new_tokens", "top_k", "eval_steps", "save_steps"):
+            positive(name, allow_zero=True)
+        for name in ("gamma", "lam", "adam_beta1", "adam_beta2"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                p.append(f"{name}={v!r} must lie in [0, 1]")
+        if not 0.0 < self.top_p <= 1.0:
+            p.append(f"top_p={self.top_p!r} must lie in (0, 1]")
+        for name in ("forward_batch_size", "max_grad_norm", "target_approx_kl", "score_clip", "max_prompt_length",
+                     "save_total_limit"):
+            v = getattr(self, name)
+            if v is not None and v <= 0:
+                p.append(f"{name}={v!r} must be > 0 or null")
+        if self.min_new_tokens > self.max_new_tokens:
+            p.append(f"min_new_tokens={self.min_new_tokens} exceeds max_new_tokens={self.max_new_tokens}")
+        if not isinstance(self.report_to, list):
+            p.append(f"report_to={self.report_to!r} must be a list, e.g. [tensorboard] or []")
+        if self.stop_token_ids is not None and not all(isinstance(t, int) for t in self.stop_token_ids):
+            p.append(f"stop_token_ids={self.stop_token_ids!r} must be a list of integer token ids")
+        p.extend(self.batch_problems(num_processes))
+        return p
+
+    def batch_problems(self, num_processes: int = 1) -> list[str]:
+        """Batch sizes must divide exactly: rollout = mini_batch × n_minibatches, mini_batch = processes × accum × micro."""
+        p = []
+        if self.rollout_batch_size <= 0 or self.mini_batch_size <= 0 or self.gradient_accumulation_steps <= 0:
+            return p
+        if self.rollout_batch_size % self.mini_batch_size:
+            p.append(
+                f"rollout_batch_size={self.rollout_batch_size} is not a multiple of mini_batch_size="
+                f"{self.mini_batch_size}; pick e.g. mini_batch_size={_divisor_below(self.rollout_batch_size, self.mini_batch_size)}"
+            )
+        per_update = num_processes * self.gradient_accumulation_steps
+        if self.mini_batch_size % per_update:
+            p.append(
+                f"mini_batch_size={self.mini_batch_size} must be a multiple of num_processes ({num_processes}) × "
+                f"gradient_accumulation_steps ({self.gradient_accumulation_steps}) = {per_update}"
+            )
+        if self.rollout_batch_size % num_processes:
+            p.append(f"rollout_batch_size={self.rollout_batch_size} must be a multiple of num_processes ({num_processes})")
+        return p
+
+    def check_for(self, num_processes: int) -> None:
+        """Raise :class:`ConfigError` if the batch sizes do not divide over ``num_processes`` processes."""
+        problems = self.batch_problems(num_processes)
+        if problems:
+            raise ConfigError(_format_problems(problems), problems)
+
+    # ---- derived sizes -------------------------------------------------------------------------------------------
+    @property
+    def num_mini_batches(self) -> int:
+        return self.rollout_batch_size // self.mini_batch_size
+
+    # ---- loading and saving --------------------------------------------------------------------------------------
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None, overrides: Iterable[str] = ()) -> "PGConfig":
+        """Build from a mapping plus ``key=value`` strings (values parsed as YAML). Unknown keys get a did-you-mean."""
+        data = dict(data or {})
+        problems: list[str] = []
+        for item in overrides:
+            if "=" not in item:
+                problems.append(f"override {item!r} is not of the form key=value")
+                continue
+            key, raw = item.split("=", 1)
+            data[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+        known = cls.field_names()
+        for key in data:
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+                hint = f"; did you mean {close[0]!r}?" if close else "; see `hfpg config` for every key"
+                problems.append(f"unknown key {key!r}{hint}")
+        types = {f.name: f.type for f in dataclasses.fields(cls)}
+        clean = {}
+        for key, value in data.items():
+            if key not in known:
+                continue
+            coerced, err = _coerce(key, value, types[key])
+            if err:
+                problems.append(err)
+            else:
+                clean[key] = coerced
+        try:
+            config = cls(**clean)
+        except ConfigError as e:
+            problems.extend(e.problems)
+        if problems:
+            raise ConfigError(_format_problems(problems), problems)
+        return config
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: Iterable[str] = ()) -> "PGConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} must hold a mapping of key: value pairs, got {type(data).__name__}")
+        return cls.from_dict(data, overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self, path: str | Path | None = None) -> str:
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def documented_yaml(cls) -> str:
+        """The defaults as YAML, each key preceded by its one-line doc."""
+        lines = []
+        for f in dataclasses.fields(cls):
+            lines.append(f"# {f.metadata['help']}")
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            lines.append(yaml.safe_dump({f.name: default}, default_flow_style=True, width=1000).strip().strip("{}"))
+        return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def _format_problems(problems: list[str]) -> str:
+    if len(problems) == 1:
+        return f"invalid hfpg config: {problems[0]}"
+    return "invalid hfpg config:\n" + "\n".join(f"  - {x}" for x in problems)
+
+
+def _divisor_below(n: int, m: int) -> int:
+    for d in range(min(m, n), 0, -1):
+        if n % d == 0:
+            return d
+    return 1
+
+
+def _coerce(key: str, value: Any, annotation: str) -> tuple[Any, str | None]:
+    """Check/convert a YAML value against the field's annotation (kept as a string by ``from __future__``)."""
+    ann = str(annotation).replace(" ", "")
+    optional = "None" in ann.split("|")
+    if value is None:
+        return (None, None) if optional else (None, f"{key} may not be null")
+    base = ann.split("|")[0]
+    if base == "bool":
+        if isinstance(value, bool):
+            return value, None
+        return None, f"{key}={value!r} must be true or false"
+    if base == "int":
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            return None, f"{key}={value!r} must be an integer"
+        return int(value), None
+    if base == "float":
+        if isinstance(value, str):
+            try:
+                value = float(value)  # YAML reads 1e-5 (no dot) as a string
+            except ValueError:
+                return None, f"{key}={value!r} must be a number"
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return None, f"{key}={value!r} must be a number"
+        return float(value), None
+    if base == "str":
+        if not isinstance(value, str):
+            return None, f"{key}={value!r} must be a string"
+        return value, None
+    if base.startswith("list"):
+        if isinstance(value, (str, int)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, list):
+            return None, f"{key}={value!r} must be a list"
+        return value, None
+    return value, None

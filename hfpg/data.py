@@ -1,0 +1,112 @@
+"""Prompt datasets: validation up front, and a resumable sampler that shards each global batch over processes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .config import ConfigError
+
+
+class DataError(ValueError):
+    """A dataset that cannot be trained on; the message says which rows or columns and how to fix it."""
+
+
+def as_dataset(data, name: str):
+    """Accept a ``datasets.Dataset``, a list of dicts or a dict of lists; return a ``datasets.Dataset``."""
+    import datasets
+
+    if data is None:
+        return None
+    if isinstance(data, datasets.DatasetDict):
+        raise DataError(f"{name} is a DatasetDict with splits {list(data)}; pass one split, e.g. {name}=ds['train']")
+    if isinstance(data, datasets.Dataset):
+        return data
+    if isinstance(data, list):
+        if data and not all(isinstance(r, dict) for r in data):
+            raise DataError(f"{name} must be a list of dicts (one per row), got a list of {type(data[0]).__name__}")
+        return datasets.Dataset.from_list(data)
+    if isinstance(data, dict):
+        return datasets.Dataset.from_dict(data)
+    raise DataError(f"{name} must be a datasets.Dataset, a list of dicts or a dict of lists, not {type(data).__name__}")
+
+
+def check_prompts(dataset, name: str, prompt_column: str, tokenizer, max_prompt_length: int | None,
+                  max_new_tokens: int, context_length: int | None) -> None:
+    """Fail early, naming the rows, on an empty dataset, a missing column, non-text or over-long prompts."""
+    if len(dataset) == 0:
+        raise DataError(f"{name} is empty (0 rows); give it at least one prompt")
+    if prompt_column not in dataset.column_names:
+        raise DataError(
+            f"{name} has no column {prompt_column!r}; its columns are {dataset.column_names}. "
+            f"Rename a column or set prompt_column=<name>"
+        )
+    prompts = dataset[prompt_column]
+    not_text = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
+    if not_text:
+        i = not_text[0]
+        raise DataError(f"{name} row {i}: prompt must be a string, got {type(prompts[i]).__name__} "
+                        f"({len(not_text)} such rows)")
+    lengths = []
+    for start in range(0, len(prompts), 1024):
+        enc = tokenizer(prompts[start : start + 1024], add_special_tokens=True)["input_ids"]
+        lengths.extend(len(ids) for ids in enc)
+    empty = [i for i, n in enumerate(lengths) if n == 0]
+    if empty:
+        raise DataError(f"{name} row {empty[0]}: the prompt is empty (0 tokens, {len(empty)} such rows); "
+                        f"every prompt needs at least one token")
+    if context_length is None:
+        return
+    limit = context_length - max_new_tokens
+    eff = [min(n, max_prompt_length) if max_prompt_length else n for n in lengths]
+    too_long = [i for i, n in enumerate(eff) if n > limit]
+    if too_long:
+        i = too_long[0]
+        raise DataError(
+            f"{name} row {i}: the prompt is {eff[i]} tokens; with max_new_tokens={max_new_tokens} that exceeds the "
+            f"model's context of {context_length} tokens ({len(too_long)} of {len(eff)} rows do). Shorten the prompts, "
+            f"set max_prompt_length<={max(limit, 0)} (keeps the last tokens), or lower max_new_tokens"
+        )
+
+
+class PromptSampler:
+    """Draws global batches of row indices: a fresh seeded permutation per pass over the data, consecutive slices of
+    it per step (wrapping into the next pass), and each process keeps its contiguous share. Checkpointable."""
+
+    def __init__(self, num_rows: int, global_batch: int, seed: int, process_index: int = 0, num_processes: int = 1):
+        if global_batch % num_processes:
+            raise ConfigError(f"rollout_batch_size={global_batch} must be a multiple of num_processes={num_processes}")
+        self.num_rows, self.global_batch, self.seed = num_rows, global_batch, seed
+        self.process_index, self.num_processes = process_index, num_processes
+        self.epoch, self.offset = 0, 0
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        return torch.randperm(self.num_rows, generator=g)
+
+    def next_global(self) -> list[int]:
+        out: list[int] = []
+        while len(out) < self.global_batch:
+            perm = self._perm(self.epoch)
+            take = min(self.global_batch - len(out), self.num_rows - self.offset)
+            out.extend(perm[self.offset : self.offset + take].tolist())
+            self.offset += take
+            if self.offset >= self.num_rows:
+                self.epoch, self.offset = self.epoch + 1, 0
+        return out
+
+    def next_local(self) -> list[int]:
+        """This process's rows of the next global batch."""
+        indices = self.next_global()
+        share = self.global_batch // self.num_processes
+        return indices[self.process_index * share : (self.process_index + 1) * share]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "offset": self.offset, "seed": self.seed, "num_rows": self.num_rows}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("num_rows", self.num_rows) != self.num_rows:
+            raise DataError(f"the checkpoint was made with a dataset of {state['num_rows']} rows, this one has "
+                            f"{self.num_rows}; resume with the same train_dataset")
+        self.epoch, self.offset = int(state["epoch"]), int(state["offset"])

@@ -1,0 +1,236 @@
+"""A causal LM with a scalar value head, and its frozen reference.
+
+``AutoModelForCausalLMWithValueHead`` wraps any ``AutoModelForCausalLM`` (or a PEFT model around one). One forward
+returns the language-model logits and a value per token, read by a linear head from the last hidden state in fp32.
+The head starts at exactly zero output, so the critic begins neutral and cannot disturb the first update.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers.utils import ModelOutput
+
+logger = logging.getLogger(__name__)
+
+VALUE_HEAD_FILE = "value_head.safetensors"
+
+
+def _is_peft_model(model: nn.Module) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return False
+    return isinstance(model, PeftModel)
+
+
+@dataclass
+class ValueHeadOutput(ModelOutput):
+    """logits: (B, K, V) for the last K positions kept; values: (B, K) fp32."""
+
+    logits: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+
+
+class ValueHead(nn.Module):
+    """Scalar head on the last hidden state: (B, L, H) -> (B, L). Always runs in fp32; zero output at init."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.summary = nn.Linear(hidden_size, 1, dtype=torch.float32)
+        nn.init.zeros_(self.summary.weight)
+        nn.init.zeros_(self.summary.bias)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.summary(hidden_states.to(self.summary.weight.dtype)).squeeze(-1)
+
+
+class AutoModelForCausalLMWithValueHead(nn.Module):
+    """Any causal LM plus a value head. Build it with :meth:`from_pretrained` or by wrapping a loaded model.
+
+    >>> model = AutoModelForCausalLMWithValueHead.from_pretrained("gpt2")
+    >>> out = model(input_ids, attention_mask=attention_mask)   # out.logits (B, L, V), out.values (B, L)
+    """
+
+    def __init__(self, pretrained_model: nn.Module):
+        super().__init__()
+        self.pretrained_model = pretrained_model
+        config = pretrained_model.config
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        self.v_head = ValueHead(text_config.hidden_size)
+        if hasattr(pretrained_model, "device") and pretrained_model.device.type != "meta":
+            self.v_head.to(pretrained_model.device)
+
+    # ---- construction ----------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path, *model_args, peft_config=None, **kwargs
+    ) -> "AutoModelForCausalLMWithValueHead":
+        """Load a causal LM (Hub id, local folder or an already-loaded model) and the value head saved beside it.
+
+        A folder written by :meth:`save_pretrained` gives back the same weights exactly. A folder with an
+        ``adapter_config.json`` is loaded as a trainable PEFT model; ``peft_config`` wraps a plain model in a new
+        adapter. Without a saved value head a fresh (zero) head is created.
+        """
+        source = pretrained_model_name_or_path
+        if isinstance(source, nn.Module):
+            base = source
+            source = None
+        elif os.path.isfile(os.path.join(str(source), "adapter_config.json")):
+            from peft import AutoPeftModelForCausalLM
+
+            base = AutoPeftModelForCausalLM.from_pretrained(source, *model_args, is_trainable=True, **kwargs)
+        else:
+            base = AutoModelForCausalLM.from_pretrained(source, *model_args, **kwargs)
+        if peft_config is not None:
+            from peft import get_peft_model
+
+            base = get_peft_model(base, peft_config)
+        model = cls(base)
+        state = _find_value_head(source, kwargs) if source is not None else None
+        if state is not None:
+            model.v_head.load_state_dict(state)
+        return model
+
+    def save_pretrained(self, save_directory: str, **kwargs) -> None:
+        """Save the wrapped model (or its adapter) with ``save_pretrained`` and the value head as safetensors."""
+        os.makedirs(save_directory, exist_ok=True)
+        self.pretrained_model.save_pretrained(save_directory, **kwargs)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.v_head.state_dict().items()}
+        save_file(state, os.path.join(save_directory, VALUE_HEAD_FILE), metadata={"format": "pt"})
+
+    # ---- forward ---------------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ) -> ValueHeadOutput:
+        """input_ids, attention_mask, position_ids: (B, L). ``logits_to_keep=K`` computes logits and values only for
+        the last K positions (0 = all), which skips the vocabulary projection of the prompt."""
+        if logits_to_keep:
+            kwargs["logits_to_keep"] = logits_to_keep
+        kwargs.pop("use_cache", None)
+        out = self.pretrained_model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            output_hidden_states=True,
+            use_cache=False,
+            return_dict=True,
+            **kwargs,
+        )
+        hidden = out.hidden_states[-1]  # (B, L, H), after the final norm
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        return ValueHeadOutput(logits=out.logits, values=self.v_head(hidden))
+
+    def generate(self, *args, **kwargs):
+        """Delegates to the wrapped model's ``generate``."""
+        return self.pretrained_model.generate(*args, **kwargs)
+
+    # ---- conveniences --------------------------------------------------------------------------------------------
+    @property
+    def config(self):
+        return self.pretrained_model.config
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def is_peft_model(self) -> bool:
+        return _is_peft_model(self.pretrained_model)
+
+    @property
+    def base_model(self) -> PreTrainedModel:
+        """The transformers model underneath (inside the PEFT wrapper, if any)."""
+        return self.pretrained_model.get_base_model() if self.is_peft_model else self.pretrained_model
+
+    def disable_adapter(self):
+        """Context in which a PEFT policy acts as its own reference (adapters off); an error for a plain model."""
+        if not self.is_peft_model:
+            raise ValueError("disable_adapter() needs a PEFT model; this policy has no adapters")
+        return self.pretrained_model.disable_adapter()
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Recompute activations in backward (non-reentrant by default, which works with frozen PEFT bases)."""
+        kwargs = gradient_checkpointing_kwargs or {"use_reentrant": False}
+        self.pretrained_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        if self.is_peft_model and kwargs.get("use_reentrant", True):
+            self.pretrained_model.enable_input_require_grads()
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.pretrained_model.gradient_checkpointing_disable()
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return bool(getattr(self.base_model, "is_gradient_checkpointing", False))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+def _find_value_head(source, kwargs) -> dict | None:
+    local = os.path.join(str(source), VALUE_HEAD_FILE)
+    if os.path.isfile(local):
+        return load_file(local)
+    if os.path.isdir(str(source)):
+        return None
+    try:  # a Hub repo that was pushed by hfpg carries its value head
+        from huggingface_hub import hf_hub_download
+
+        path = hf_hub_download(
+            str(source), VALUE_HEAD_FILE, revision=kwargs.get("revision"), token=kwargs.get("token"),
+            cache_dir=kwargs.get("cache_dir"),
+        )
+        return load_file(path)
+    except Exception:  # no such file, or the Hub is unreachable: a fresh head is the right default
+        logger.info("no %s found for %s; starting from a zero value head", VALUE_HEAD_FILE, source)
+        return None
+
+
+def create_reference_model(model: nn.Module) -> nn.Module | None:
+    """A frozen, eval-mode copy of the policy's language model, used for the KL penalty.
+
+    Returns ``None`` for a PEFT policy: its reference is the same base weights with the adapters disabled, so no
+    second copy of the base is held in memory.
+    """
+    if isinstance(model, AutoModelForCausalLMWithValueHead):
+        if model.is_peft_model:
+            return None
+        model = model.pretrained_model
+    elif _is_peft_model(model):
+        return None
+    ref = copy.deepcopy(model)
+    ref.eval()
+    ref.requires_grad_(False)
+    return ref
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Set every dropout probability to 0: PPO's ratio must be exactly 1 before the first update."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        for attr in ("attention_dropout", "dropout_p"):  # functional dropout inside attention (Llama, ...)
+            if isinstance(getattr(module, attr, None), float):
+                setattr(module, attr, 0.0)
+
+
+@contextlib.contextmanager
+def reference_context(policy: AutoModelForCausalLMWithValueHead, ref_model: nn.Module | None):
+    """Yields the module that computes reference logits: ``ref_model``, or the policy with adapters disabled."""
+    if ref_model is not None:
+        yield ref_model
+    else:
+        with policy.disable_adapter():
+            yield policy.pretrained_model

@@ -1,0 +1,268 @@
+"""Pure tensor maths for policy-gradient training of language models.
+
+No state, no models, no distributed calls: every function takes tensors and returns tensors, so each one can be
+unit-tested against hand-computed values. Shapes use ``B`` for the batch, ``T`` for response tokens and ``V`` for
+the vocabulary.
+
+One mask convention everywhere: ``mask`` is a bool (or 0/1) tensor, **True = a real response token** (keep it).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# masked statistics
+# --------------------------------------------------------------------------------------------------------------
+def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Sum of ``x`` over the positions where ``mask`` is True. x, mask: same shape."""
+    x = torch.where(mask.bool(), x, torch.zeros_like(x))
+    return x.sum() if dim is None else x.sum(dim)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of ``x`` over real positions; 0 where there are none (never NaN)."""
+    mask = mask.to(x.dtype)
+    count = mask.sum() if dim is None else mask.sum(dim)
+    return masked_sum(x, mask, dim) / count.clamp(min=1)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """Variance of ``x`` over all real positions (a scalar); Bessel-corrected when ``unbiased``."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    if unbiased:
+        n = mask.to(x.dtype).sum()
+        if n < 2:
+            raise ValueError(f"masked_var needs at least 2 real positions for an unbiased estimate, got {int(n)}")
+        var = var * n / (n - 1)
+    return var
+
+
+def masked_whiten(
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    shift_mean: bool = True,
+    mean: torch.Tensor | None = None,
+    var: torch.Tensor | None = None,
+    eps: float = 1e-8,
+) -> torch.Tensor:
+    """Whiten ``x`` with statistics over real positions only; padding stays 0.
+
+    ``shift_mean=False`` restores the mean after scaling (advantages are whitened with the mean removed, rewards with
+    it restored). ``mean``/``var`` may be passed in (e.g. statistics of the global batch across processes).
+    """
+    if mean is None:
+        mean = masked_mean(x, mask)
+    if var is None:
+        var = masked_var(x, mask, unbiased=True) if mask.bool().sum() > 1 else torch.zeros((), dtype=x.dtype)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return torch.where(mask.bool(), out, torch.zeros_like(out))
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """1 - Var[returns - values] / Var[returns] over real tokens: 1 = perfect critic, 0 = constant, <0 = worse."""
+    var_returns = masked_var(returns, mask, unbiased=False)
+    var_residual = masked_var(returns - values, mask, unbiased=False)
+    if var_returns <= 0:
+        return torch.tensor(float("nan"), dtype=values.dtype)
+    return 1.0 - var_residual / var_returns
+
+
+# --------------------------------------------------------------------------------------------------------------
+# logprobs and entropy
+# --------------------------------------------------------------------------------------------------------------
+def logprobs_from_logits(
+    logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0, chunk_size: int = 8
+) -> torch.Tensor:
+    """Log-probability of ``labels`` under ``softmax(logits / temperature)``.
+
+    logits: (B, T, V), labels: (B, T) -> (B, T), in fp32.
+    Uses ``gather - logsumexp`` and processes ``chunk_size`` rows at a time, so no full-vocabulary (B, T, V)
+    log-softmax (nor a temperature-scaled fp32 copy of all logits) is ever materialised.
+    """
+    out = []
+    for start in range(0, logits.shape[0], chunk_size):
+        chunk = logits[start : start + chunk_size].float()  # (b, T, V) fp32 copy of one chunk only
+        if temperature != 1.0:
+            chunk = chunk / temperature
+        picked = chunk.gather(-1, labels[start : start + chunk_size].unsqueeze(-1)).squeeze(-1)
+        out.append(picked - torch.logsumexp(chunk, dim=-1))
+    return torch.cat(out, dim=0)
+
+
+def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0, chunk_size: int = 8) -> torch.Tensor:
+    """Entropy of ``softmax(logits / temperature)`` per position. logits: (B, T, V) -> (B, T), fp32."""
+    out = []
+    for start in range(0, logits.shape[0], chunk_size):
+        chunk = logits[start : start + chunk_size].float()
+        if temperature != 1.0:
+            chunk = chunk / temperature
+        lse = torch.logsumexp(chunk, dim=-1, keepdim=True)
+        p = torch.exp(chunk - lse)
+        out.append(lse.squeeze(-1) - (p * chunk).sum(-1))
+    return torch.cat(out, dim=0)
+
+
+def response_logits(logits: torch.Tensor, context_length: int) -> torch.Tensor:
+    """Logits that predict the response tokens: position t predicts token t+1, hence ``[:, ctx-1:-1]``.
+
+    logits: (B, ctx + T, V) over the full sequence -> (B, T, V).
+    """
+    return logits[:, context_length - 1 : -1]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# stop tokens and masks
+# --------------------------------------------------------------------------------------------------------------
+def first_true_indices(bools: torch.Tensor) -> torch.Tensor:
+    """Index of the first True in each row of ``bools`` (B, T); ``T`` where a row has none. -> (B,) long."""
+    T = bools.shape[-1]
+    idx = torch.arange(T, device=bools.device).expand_as(bools)
+    return torch.where(bools, idx, torch.full_like(idx, T)).min(dim=-1).values
+
+
+def truncate_at_stop(
+    responses: torch.Tensor, stop_token_ids: Sequence[int], pad_token_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Keep each response up to and including its first stop token; everything after becomes padding.
+
+    responses: (B, T) -> (responses (B, T), mask (B, T) bool, has_stop (B,) bool).
+    The stop token itself stays a real token (mask True), even when it equals the pad token.
+    """
+    is_stop = torch.zeros_like(responses, dtype=torch.bool)
+    for tok in stop_token_ids:
+        is_stop |= responses == tok
+    first = first_true_indices(is_stop)  # (B,)
+    positions = torch.arange(responses.shape[1], device=responses.device).unsqueeze(0)
+    mask = positions <= first.unsqueeze(1)
+    truncated = torch.where(mask, responses, torch.full_like(responses, pad_token_id))
+    return truncated, mask, first < responses.shape[1]
+
+
+def last_token_indices(mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last real token per row (B,) for a right-padded response mask (B, T); -1 for an empty row."""
+    return mask.long().sum(-1) - 1
+
+
+def position_ids_from_attention_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that ignore left padding: the first real token is position 0. (B, L) -> (B, L) long."""
+    position_ids = attention_mask.long().cumsum(-1) - 1
+    return position_ids.clamp(min=0)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# KL and rewards
+# --------------------------------------------------------------------------------------------------------------
+def kl_per_token(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(policy || reference) from sampled-token logprobs (Schulman, "Approximating KL").
+
+    k1 = log r,  k2 = ½ (log r)²,  k3 = (1/r) - 1 + log r  with  log r = logp - logp_ref.
+    k1 is unbiased but can be negative; k2 and k3 are >= 0 (k3 unbiased, k2 low-variance, biased). (B, T) -> (B, T).
+    """
+    log_ratio = logprobs - ref_logprobs
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio**2
+    if estimator == "k3":
+        return torch.expm1(-log_ratio) + log_ratio
+    raise ValueError(f"unknown KL estimator {estimator!r}; choose one of {KL_ESTIMATORS}")
+
+
+def token_level_rewards(
+    scores: torch.Tensor, kl: torch.Tensor, kl_coef: float, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token rewards: ``-kl_coef * kl`` at every real token, plus the sequence score at the last real token.
+
+    scores: (B,), kl: (B, T), mask: (B, T) -> (rewards (B, T), non_score_rewards (B, T)); padding is exactly 0.
+    """
+    mask = mask.bool()
+    non_score = torch.where(mask, -kl_coef * kl, torch.zeros_like(kl))
+    rewards = non_score.clone()
+    last = last_token_indices(mask)
+    rows = torch.arange(rewards.shape[0], device=rewards.device)
+    has_token = last >= 0
+    rewards[rows[has_token], last[has_token]] += scores[has_token].to(rewards.dtype)
+    return rewards, non_score
+
+
+# --------------------------------------------------------------------------------------------------------------
+# advantages
+# --------------------------------------------------------------------------------------------------------------
+def gae_advantages(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016) over right-padded responses.
+
+    rewards, values, mask: (B, T) -> (advantages, returns), both (B, T), zero on padding.
+    The episode ends after the last real token (its next value is 0). ``returns = advantages + values`` is taken
+    here, before any whitening of the advantages.
+    """
+    mask = mask.bool()
+    rewards = torch.where(mask, rewards, torch.zeros_like(rewards))
+    values = torch.where(mask, values, torch.zeros_like(values))
+    T = rewards.shape[1]
+    lastgaelam = torch.zeros_like(rewards[:, 0])
+    advantages_reversed = []
+    for t in reversed(range(T)):
+        nextvalues = values[:, t + 1] if t < T - 1 else torch.zeros_like(values[:, 0])
+        delta = rewards[:, t] + gamma * nextvalues - values[:, t]
+        lastgaelam = delta + gamma * lam * lastgaelam
+        advantages_reversed.append(lastgaelam)
+    advantages = torch.stack(advantages_reversed[::-1], dim=1)
+    advantages = torch.where(mask, advantages, torch.zeros_like(advantages))
+    returns = torch.where(mask, advantages + values, torch.zeros_like(advantages))
+    return advantages, returns
+
+
+def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Monte-Carlo returns G_t = Σ_k γ^k r_{t+k} within each response. (B, T) -> (B, T), zero on padding."""
+    mask = mask.bool()
+    rewards = torch.where(mask, rewards, torch.zeros_like(rewards))
+    running = torch.zeros_like(rewards[:, 0])
+    out = []
+    for t in reversed(range(rewards.shape[1])):
+        running = rewards[:, t] + gamma * running
+        out.append(running)
+    returns = torch.stack(out[::-1], dim=1)
+    return torch.where(mask, returns, torch.zeros_like(returns))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# losses (token-level; the caller chooses the normaliser so gradient accumulation and processes stay exact)
+# --------------------------------------------------------------------------------------------------------------
+def ppo_policy_loss(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, clip_range: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Clipped surrogate per token: ``max(-A·r, -A·clip(r, 1-ε, 1+ε))`` with ``r = exp(logp - logp_old)``.
+
+    All (B, T) -> (loss (B, T), clipped (B, T) bool: the clipped branch was taken, ratio (B, T)).
+    """
+    ratio = torch.exp(logprobs - old_logprobs)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    return torch.maximum(unclipped, clipped), clipped > unclipped, ratio
+
+
+def clipped_value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, clip_range_value: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``½·max((V - R)², (clip(V, V_old ± ε_v) - R)²)`` per token. (B, T) -> (loss (B, T), clipped (B, T) bool)."""
+    v_clipped = old_values + torch.clamp(values - old_values, -clip_range_value, clip_range_value)
+    loss_unclipped = (values - returns) ** 2
+    loss_clipped = (v_clipped - returns) ** 2
+    return 0.5 * torch.maximum(loss_unclipped, loss_clipped), loss_clipped > loss_unclipped
+
+
+def approx_kl(logprobs: torch.Tensor, old_logprobs: torch.Tensor) -> torch.Tensor:
+    """k3 estimate of KL(old || new) per token, ``(r - 1) - log r`` (>= 0, 0 when nothing moved). (B, T) -> (B, T)."""
+    log_ratio = logprobs - old_logprobs
+    return torch.expm1(log_ratio) - log_ratio

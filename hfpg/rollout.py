@@ -1,0 +1,180 @@
+"""Prompts -> left-padded tokens -> sampled completions -> a :class:`Rollout` with logprobs, values and references.
+
+Everything here runs without gradients. Shapes: ``B`` sequences, ``P`` prompt tokens (left-padded), ``T``
+response tokens (right-padded after the first stop token).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field, fields
+from typing import Any, Sequence
+
+import torch
+from transformers import GenerationConfig
+
+from . import ops
+
+
+@dataclass
+class Rollout:
+    """One batch of experience. Tensors are (B, P) for the prompt, (B, T) for the response, (B,) per sequence."""
+
+    query_ids: torch.Tensor
+    query_mask: torch.Tensor
+    response_ids: torch.Tensor
+    response_mask: torch.Tensor  # bool, True = real token (the stop token included)
+    has_stop: torch.Tensor  # bool (B,), False when max_new_tokens was hit first
+    logprobs: torch.Tensor | None = None  # fp32, temperature-scaled, 0 on padding
+    ref_logprobs: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None  # per-token entropy of the sampling policy (temperature-scaled)
+    scores: torch.Tensor | None = None  # (B,) sequence scores from the reward function
+    prompts: list[str] = field(default_factory=list)
+    completions: list[str] = field(default_factory=list)
+    columns: dict[str, list] = field(default_factory=dict)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)}
+
+    @property
+    def batch_size(self) -> int:
+        return self.response_ids.shape[0]
+
+    @property
+    def num_response_tokens(self) -> int:
+        return int(self.response_mask.sum())
+
+
+@contextlib.contextmanager
+def _tokenizer_sides(tokenizer, padding: str, truncation: str):
+    old = tokenizer.padding_side, tokenizer.truncation_side
+    tokenizer.padding_side, tokenizer.truncation_side = padding, truncation
+    try:
+        yield tokenizer
+    finally:
+        tokenizer.padding_side, tokenizer.truncation_side = old
+
+
+def tokenize_prompts(
+    tokenizer, prompts: Sequence[str], max_prompt_length: int | None = None, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompt ids and attention mask (B, P); ``max_prompt_length`` keeps the *last* N tokens."""
+    with _tokenizer_sides(tokenizer, "left", "left"):
+        enc = tokenizer(
+            list(prompts),
+            padding=True,
+            truncation=max_prompt_length is not None,
+            max_length=max_prompt_length,
+            return_tensors="pt",
+        )
+    return enc["input_ids"].to(device), enc["attention_mask"].to(device)
+
+
+def build_generation_config(config, tokenizer, stop_token_ids: Sequence[int]) -> GenerationConfig:
+    """Sampling settings from a :class:`~hfpg.config.PGConfig`. Every processor that would change the sampling
+    distribution beyond temperature/top-k/top-p is set explicitly off, so a checkpoint's own
+    ``generation_config.json`` (repetition penalties, ...) cannot silently alter it."""
+    return GenerationConfig(
+        do_sample=True,
+        temperature=config.temperature,
+        top_k=config.top_k,
+        top_p=config.top_p,
+        max_new_tokens=config.max_new_tokens,
+        min_new_tokens=config.min_new_tokens,
+        eos_token_id=list(stop_token_ids),
+        pad_token_id=tokenizer.pad_token_id,
+        repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        typical_p=1.0,
+        num_beams=1,
+        num_return_sequences=1,
+        use_cache=True,
+    )
+
+
+@torch.no_grad()
+def generate_responses(
+    model, query_ids: torch.Tensor, query_mask: torch.Tensor, generation_config: GenerationConfig,
+    stop_token_ids: Sequence[int], pad_token_id: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sample completions and truncate each after its first stop token.
+
+    query_ids, query_mask: (B, P) left-padded -> (response_ids (B, T), response_mask (B, T), has_stop (B,)).
+    ``generate`` stops as soon as every sequence has produced a stop token, so T <= max_new_tokens.
+    """
+    out = model.generate(input_ids=query_ids, attention_mask=query_mask, generation_config=generation_config)
+    responses = out[:, query_ids.shape[1] :]
+    if responses.shape[1] == 0:  # max_new_tokens reached 0 tokens: keep shapes valid
+        responses = torch.full((query_ids.shape[0], 1), pad_token_id, dtype=query_ids.dtype, device=query_ids.device)
+    return ops.truncate_at_stop(responses, stop_token_ids, pad_token_id)
+
+
+def _call_lm(model, input_ids, attention_mask, position_ids, keep: int):
+    """Forward that asks only for the last ``keep`` positions' logits when the model supports it."""
+    try:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                    logits_to_keep=keep, use_cache=False)
+    except TypeError:  # an architecture without logits_to_keep
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    return out
+
+
+def sequence_forward(
+    model,
+    query_ids: torch.Tensor,
+    query_mask: torch.Tensor,
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    temperature: float,
+    with_values: bool,
+    with_entropy: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Response-token logprobs (and values, entropy) from ONE forward over prompt + response.
+
+    Position t's logits predict token t+1, so the response is scored by logits ``[:, P-1:-1]``; only those
+    T+1 positions are projected onto the vocabulary. Position ids come from the attention mask, so a left-padded
+    prompt scores exactly like the unpadded one. Returns tensors (B, T), zero on padding.
+    """
+    input_ids = torch.cat([query_ids, response_ids], dim=1)
+    attention_mask = torch.cat([query_mask.long(), response_mask.long()], dim=1)
+    position_ids = ops.position_ids_from_attention_mask(attention_mask)
+    T = response_ids.shape[1]
+    out = _call_lm(model, input_ids, attention_mask, position_ids, keep=T + 1)
+    logits = out.logits
+    if logits.shape[1] != T + 1:  # the model ignored logits_to_keep
+        logits = logits[:, -(T + 1) :]
+    logits = logits[:, :-1]  # (B, T, V): the same slice as ops.response_logits(full_logits, P)
+    mask = response_mask.bool()
+    result = {"logprobs": torch.where(mask, ops.logprobs_from_logits(logits, response_ids, temperature), 0.0)}
+    if with_entropy:
+        result["entropy"] = torch.where(mask, ops.entropy_from_logits(logits, temperature), 0.0)
+    if with_values:
+        values = out.values
+        values = values[:, -(T + 1) : -1]  # the value of the state before each response token
+        result["values"] = torch.where(mask, values.float(), 0.0)
+    return result
+
+
+def batched(fn, batch_size: int | None, n: int, **tensors: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Run ``fn(**chunk)`` over row chunks of ``tensors`` and concatenate its dict outputs (bounded memory)."""
+    size = batch_size or n
+    parts: list[dict[str, torch.Tensor]] = []
+    for start in range(0, n, size):
+        parts.append(fn(**{k: v[start : start + size] for k, v in tensors.items()}))
+    return {k: torch.cat([p[k] for p in parts], dim=0) for k in parts[0]}
+
+
+def decode_completions(tokenizer, response_ids: torch.Tensor, response_mask: torch.Tensor) -> list[str]:
+    """Text of each completion up to its stop token, special tokens (EOS, padding) removed."""
+    return [
+        tokenizer.decode(ids[m.bool()].tolist(), skip_special_tokens=True)
+        for ids, m in zip(response_ids.cpu(), response_mask.cpu())
+    ]
+
+
+def columns_for(rows: list[dict[str, Any]], exclude: str) -> dict[str, list]:
+    """The dataset's other columns for these rows, as lists (what reward functions receive as ``**columns``)."""
+    if not rows:
+        return {}
+    return {k: [r[k] for r in rows] for k in rows[0] if k != exclude}

@@ -1,0 +1,395 @@
+"""``PGTrainer``: one loop, on Accelerate — rollout -> reward -> advantages -> update -> log / evaluate / save."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from typing import Callable
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, get_scheduler
+
+from . import ops
+from .algorithms import build_algorithm
+from .algorithms.common import global_sum
+from .callbacks import TrainerCallback
+from .config import ConfigError, PGConfig
+from .data import DataError, PromptSampler, as_dataset, check_prompts
+from .kl import build_kl_controller
+from .modeling import AutoModelForCausalLMWithValueHead, create_reference_model, disable_dropout, reference_context
+from .normalize import RunningMoments
+from .rewards import compute_scores
+from .rollout import (Rollout, batched, build_generation_config, columns_for, decode_completions, generate_responses,
+                      sequence_forward, tokenize_prompts)
+
+logger = logging.getLogger(__name__)
+TRAINER_STATE = "trainer_state.json"
+
+
+class PGTrainer:
+    """Fine-tune a causal LM with policy-gradient RL against ``reward_fn(prompts, completions, **columns)``.
+
+    model: an :class:`AutoModelForCausalLMWithValueHead`, a plain (or PEFT) causal LM, or a model id / path.
+    ref_model: frozen reference for the KL penalty; by default a frozen copy of the policy, or — for a PEFT
+    policy — the same weights with adapters disabled.
+    """
+
+    def __init__(self, model, tokenizer: PreTrainedTokenizerBase | None = None, config: PGConfig | dict | None = None,
+                 train_dataset=None, reward_fn: Callable | None = None, ref_model=None, eval_dataset=None,
+                 callbacks: list[TrainerCallback] | None = None, optimizers=(None, None)):
+        self.config = config = _as_config(config)
+        if reward_fn is None or not callable(reward_fn):
+            raise TypeError("reward_fn must be a callable fn(prompts, completions, **columns) -> list[float]")
+        self.reward_fn = reward_fn
+        self.accelerator = Accelerator(
+            mixed_precision=config.mixed_precision,
+            log_with=config.report_to or None,
+            project_config=ProjectConfiguration(project_dir=config.output_dir,
+                                                logging_dir=os.path.join(config.output_dir, "runs")),
+        )
+        config.check_for(self.accelerator.num_processes)
+        set_seed(config.seed, device_specific=True)  # seed + process index: processes sample differently
+
+        if isinstance(model, str):
+            tokenizer = tokenizer or AutoTokenizer.from_pretrained(model)
+            model = AutoModelForCausalLMWithValueHead.from_pretrained(model)
+        elif not isinstance(model, AutoModelForCausalLMWithValueHead):
+            model = AutoModelForCausalLMWithValueHead(model)
+        if tokenizer is None:
+            raise TypeError("pass the tokenizer that matches the model (tokenizer=AutoTokenizer.from_pretrained(...))")
+        self.tokenizer = tokenizer
+        if tokenizer.pad_token_id is None:  # GPT-2 & co: pad with EOS; masks never rely on pad != EOS
+            tokenizer.pad_token = tokenizer.eos_token
+        self.stop_token_ids = list(config.stop_token_ids or [tokenizer.eos_token_id])
+        if None in self.stop_token_ids:
+            raise ConfigError("the tokenizer has no eos_token; set stop_token_ids=[...] in the config")
+
+        self.train_dataset = as_dataset(train_dataset, "train_dataset")
+        self.eval_dataset = as_dataset(eval_dataset, "eval_dataset")
+        if self.train_dataset is None:
+            raise DataError("train_dataset is required: a datasets.Dataset (or list of dicts) with a "
+                            f"{config.prompt_column!r} column")
+        text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        context = getattr(text_config, "max_position_embeddings", None)
+        for ds, name in ((self.train_dataset, "train_dataset"), (self.eval_dataset, "eval_dataset")):
+            if ds is not None:
+                check_prompts(ds, name, config.prompt_column, tokenizer, config.max_prompt_length,
+                              config.max_new_tokens, context)
+
+        if config.disable_dropout:
+            disable_dropout(model)
+        if ref_model is None:
+            ref_model = create_reference_model(model)  # None for PEFT: adapters are disabled instead
+        if ref_model is not None:
+            if config.disable_dropout:
+                disable_dropout(ref_model)
+            ref_model.eval().requires_grad_(False)
+            ref_model.to(self.accelerator.device)
+        self.ref_model = ref_model
+        if config.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+
+        self.algorithm = build_algorithm(config)
+        self.num_optimizer_steps = config.max_steps * config.ppo_epochs * config.num_mini_batches
+        optimizer, scheduler = optimizers
+        if optimizer is None:
+            optimizer = torch.optim.AdamW(
+                [p for p in model.parameters() if p.requires_grad], lr=config.learning_rate,
+                betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
+                weight_decay=config.weight_decay)
+        if scheduler is None:
+            scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=config.warmup_steps,
+                                      num_training_steps=self.num_optimizer_steps)
+        # The scheduler is not prepared: Accelerate would step it once per process.
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.scheduler = scheduler
+        self.kl_ctl = build_kl_controller(config)
+        self.score_moments = RunningMoments()
+        self.sampler = PromptSampler(len(self.train_dataset), config.rollout_batch_size, config.seed,
+                                     self.accelerator.process_index, self.accelerator.num_processes)
+        for obj in (self.scheduler, self.kl_ctl, self.score_moments, self.sampler):
+            self.accelerator.register_for_checkpointing(obj)
+        self.generation_config = build_generation_config(config, tokenizer, self.stop_token_ids)
+        self.callbacks = list(callbacks or [])
+        self.global_step = 0
+        self.should_stop = False
+        self.log_history: list[dict] = []
+        self._trackers_ready = False
+
+    # ---- public API ------------------------------------------------------------------------------------------------
+    @property
+    def unwrapped_model(self) -> AutoModelForCausalLMWithValueHead:
+        return self.accelerator.unwrap_model(self.model)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None) -> dict[str, float]:
+        """Run until ``max_steps``; returns the last step's metrics. ``resume_from_checkpoint``: a checkpoint folder,
+        or True for the newest one in ``output_dir``."""
+        cfg = self.config
+        if resume_from_checkpoint:
+            self.load_checkpoint(resume_from_checkpoint)
+        self._init_trackers()
+        self._callback("on_train_begin")
+        bar = tqdm(total=cfg.max_steps, initial=self.global_step, desc=f"hfpg {cfg.algorithm}", dynamic_ncols=True,
+                   disable=cfg.disable_tqdm or not self.accelerator.is_local_main_process)
+        metrics: dict[str, float] = {}
+        while self.global_step < cfg.max_steps and not self.should_stop:
+            metrics = self.step()
+            self.global_step += 1
+            bar.update(1)
+            bar.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}",
+                            beta=f"{metrics['objective/kl_coef']:.3g}")
+            if self.global_step % cfg.logging_steps == 0 or self.global_step == cfg.max_steps:
+                self.log(metrics)
+            if cfg.eval_steps and self.eval_dataset is not None and self.global_step % cfg.eval_steps == 0:
+                self.evaluate()
+            if cfg.save_steps and self.global_step % cfg.save_steps == 0:
+                self.save_checkpoint()
+            self._callback("on_step_end", self.global_step, metrics)
+        bar.close()
+        self._callback("on_train_end")
+        self.end_training()
+        self.accelerator.wait_for_everyone()
+        return metrics
+
+    def step(self) -> dict[str, float]:
+        """One iteration: rollout of a global batch, scores, advantages, update, KL controller."""
+        t_step = time.perf_counter()
+        rows = self.train_dataset[self.sampler.next_local()]
+        rows = [dict(zip(rows, vals)) for vals in zip(*rows.values())]
+        rollout, timings = self.make_rollout(rows)
+        scores, score_metrics = self._shape_scores(rollout)
+        t0 = time.perf_counter()
+        kl_coef = self.kl_ctl.value
+        adv = self.algorithm.compute_advantages(rollout, scores, kl_coef, self.accelerator)
+        update_metrics = self.algorithm.update(self.model, self.optimizer, self.scheduler, self.accelerator, rollout,
+                                               adv["advantages"], adv["returns"])
+        timings["time/update"] = time.perf_counter() - t0
+        metrics = self._step_metrics(rollout, adv, scores, kl_coef)
+        self.kl_ctl.update(metrics["objective/kl"], self.config.rollout_batch_size)
+        metrics.update(score_metrics)
+        metrics.update(update_metrics)
+        metrics.update(timings)
+        metrics["time/step"] = step_time = time.perf_counter() - t_step
+        tokens = global_sum(self.accelerator, torch.stack([rollout.query_mask.sum(), rollout.response_mask.sum()])
+                            .float()).tolist()
+        metrics["tokens_per_second"] = (tokens[0] + tokens[1]) / step_time
+        metrics["time/generated_tokens_per_second"] = tokens[1] / max(timings["time/generate"], 1e-9)
+        return metrics
+
+    @torch.no_grad()
+    def make_rollout(self, rows: list[dict], with_ref: bool = True) -> tuple[Rollout, dict[str, float]]:
+        """Generate for ``rows`` and attach logprobs, values, reference logprobs and scores. (B = len(rows))."""
+        cfg, acc = self.config, self.accelerator
+        prompts = [r[cfg.prompt_column] for r in rows]
+        policy = self.unwrapped_model
+        policy.eval()  # no dropout and no gradient checkpointing during generation
+        timings = {}
+        t = time.perf_counter()
+        query_ids, query_mask = tokenize_prompts(self.tokenizer, prompts, cfg.max_prompt_length, acc.device)
+        with acc.autocast():
+            response_ids, response_mask, has_stop = generate_responses(
+                policy, query_ids, query_mask, self.generation_config, self.stop_token_ids, self.tokenizer.pad_token_id)
+        timings["time/generate"] = time.perf_counter() - t
+        rollout = Rollout(query_ids, query_mask, response_ids, response_mask, has_stop, prompts=prompts,
+                          columns=columns_for(rows, cfg.prompt_column))
+        n = len(rows)
+        seqs = dict(query_ids=query_ids, query_mask=query_mask, response_ids=response_ids, response_mask=response_mask)
+        t = time.perf_counter()
+        with acc.autocast():
+            out = batched(lambda **kw: sequence_forward(policy, **kw, temperature=cfg.temperature, with_values=True,
+                                                        with_entropy=True), cfg.forward_batch_size, n, **seqs)
+        rollout.logprobs, rollout.values, rollout.entropy = out["logprobs"], out["values"], out["entropy"]
+        timings["time/policy_forward"] = time.perf_counter() - t
+        t = time.perf_counter()
+        if with_ref:
+            with acc.autocast(), reference_context(policy, self.ref_model) as ref:
+                ref_out = batched(lambda **kw: sequence_forward(ref, **kw, temperature=cfg.temperature,
+                                                                with_values=False), cfg.forward_batch_size, n, **seqs)
+            rollout.ref_logprobs = ref_out["logprobs"]
+        timings["time/ref_forward"] = time.perf_counter() - t
+        t = time.perf_counter()
+        rollout.completions = decode_completions(self.tokenizer, response_ids, response_mask)
+        rollout.scores = compute_scores(self.reward_fn, prompts, rollout.completions, rollout.columns, acc.device)
+        timings["time/reward"] = time.perf_counter() - t
+        timings["time/rollout"] = sum(timings.values())
+        return rollout, timings
+
+    @torch.no_grad()
+    def evaluate(self, eval_dataset=None) -> dict[str, float]:
+        """Sample completions for the eval prompts (sharded over processes) and report mean score, KL and length."""
+        ds = as_dataset(eval_dataset, "eval_dataset") if eval_dataset is not None else self.eval_dataset
+        if ds is None:
+            raise DataError("evaluate() needs an eval_dataset (pass it here or to the trainer)")
+        acc, cfg = self.accelerator, self.config
+        local = list(range(acc.process_index, len(ds), acc.num_processes))
+        chunk = cfg.rollout_batch_size // acc.num_processes
+        sums = torch.zeros(5, dtype=torch.float64, device=acc.device)
+        for start in range(0, len(local), chunk):
+            part = ds[local[start : start + chunk]]
+            rows = [dict(zip(part, vals)) for vals in zip(*part.values())]
+            r, _ = self.make_rollout(rows)
+            kl = ops.masked_sum(ops.kl_per_token(r.logprobs, r.ref_logprobs, cfg.kl_estimator), r.response_mask, 1)
+            sums += torch.tensor([r.scores.sum(), (r.scores**2).sum(), kl.sum(), r.response_mask.sum(), len(rows)],
+                                 dtype=torch.float64, device=acc.device)
+        total = global_sum(acc, sums).tolist()
+        n = max(total[4], 1.0)
+        mean = total[0] / n
+        metrics = {"eval/scores": mean, "eval/scores_std": max(total[1] / n - mean**2, 0.0) ** 0.5,
+                   "eval/kl": total[2] / n, "eval/completion_length": total[3] / n, "eval/num_samples": total[4]}
+        self.log(metrics)
+        self._callback("on_evaluate", self.global_step, metrics)
+        return metrics
+
+    def log(self, metrics: dict[str, float]) -> None:
+        """Send metrics to the trackers in ``report_to`` and append them to ``output_dir/metrics.jsonl``."""
+        self._init_trackers()
+        record = {"step": self.global_step, **{k: float(v) for k, v in metrics.items()}}
+        self.log_history.append(record)
+        if self.config.report_to:
+            self.accelerator.log(metrics, step=self.global_step)
+        if self.accelerator.is_main_process:
+            os.makedirs(self.config.output_dir, exist_ok=True)
+            with open(os.path.join(self.config.output_dir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(record) + "\n")
+        self._callback("on_log", self.global_step, metrics)
+
+    def save_model(self, output_dir: str | None = None) -> str:
+        """Write the policy (or its adapter), value head, tokenizer and the training config; loadable with
+        ``AutoModelForCausalLMWithValueHead.from_pretrained(output_dir)``."""
+        output_dir = output_dir or self.config.output_dir
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            self.unwrapped_model.save_pretrained(output_dir)
+            self.tokenizer.save_pretrained(output_dir)
+            self.config.to_yaml(os.path.join(output_dir, "hfpg_config.yaml"))
+        self.accelerator.wait_for_everyone()
+        return output_dir
+
+    def save_checkpoint(self) -> str:
+        """A resumable checkpoint: model, optimizer, scheduler, KL controller, score statistics, sampler, RNG, step."""
+        path = os.path.join(self.config.output_dir, f"checkpoint-{self.global_step}")
+        self.accelerator.save_state(path)
+        if self.accelerator.is_main_process:
+            with open(os.path.join(path, TRAINER_STATE), "w") as f:
+                json.dump({"global_step": self.global_step, "config": self.config.to_dict()}, f, indent=2)
+            self._rotate_checkpoints()
+        self.accelerator.wait_for_everyone()
+        self._callback("on_save", self.global_step, path)
+        return path
+
+    def load_checkpoint(self, path: str | bool) -> None:
+        if path is True:
+            path = latest_checkpoint(self.config.output_dir)
+            if path is None:
+                raise FileNotFoundError(f"resume_from_checkpoint=True but {self.config.output_dir} holds no "
+                                        f"checkpoint-N folder; train with save_steps>0 first or pass a path")
+        state_file = os.path.join(path, TRAINER_STATE)
+        if not os.path.isfile(state_file):
+            raise FileNotFoundError(f"{path} is not an hfpg checkpoint (no {TRAINER_STATE}); pass a checkpoint-N folder")
+        self.accelerator.load_state(path)
+        with open(state_file) as f:
+            self.global_step = int(json.load(f)["global_step"])
+
+    # ---- internals -----------------------------------------------------------------------------------------------
+    def _shape_scores(self, rollout: Rollout) -> tuple[torch.Tensor, dict[str, float]]:
+        """Missing-EOS penalty, then optional scaling (running std / batch whitening over all processes), clipping."""
+        cfg, acc = self.config, self.accelerator
+        scores = rollout.scores.clone()
+        if cfg.missing_eos_penalty is not None:
+            scores = torch.where(rollout.has_stop, scores, scores - cfg.missing_eos_penalty)
+        if cfg.score_scaling != "none":
+            all_scores = acc.gather(scores) if acc.num_processes > 1 else scores
+            if cfg.score_scaling == "running_std":
+                self.score_moments.update(all_scores)
+                std = self.score_moments.std
+                scores = scores / (std if std > 1e-8 else 1.0)
+            else:
+                mean, std = all_scores.mean(), all_scores.std(unbiased=all_scores.numel() > 1)
+                scores = (scores - mean) / (std + 1e-8)
+        if cfg.score_clip is not None:
+            scores = scores.clamp(-cfg.score_clip, cfg.score_clip)
+        return scores, {}
+
+    def _step_metrics(self, r: Rollout, adv: dict, scores: torch.Tensor, kl_coef: float) -> dict[str, float]:
+        mask = r.response_mask
+        seq_kl = ops.masked_sum(adv["kl"], mask, 1)  # (B,) nats per sequence
+        seq_non_score = ops.masked_sum(adv["non_score_rewards"], mask, 1)
+        per_seq = torch.stack([r.scores, scores, seq_kl, seq_non_score, scores + seq_non_score,
+                               mask.sum(1).float(), (~r.has_stop).float()], 1)  # (B, 7)
+        n_seq = r.batch_size
+        sums = torch.cat([per_seq.sum(0), torch.tensor([n_seq], device=per_seq.device, dtype=per_seq.dtype),
+                          ops.masked_sum(r.entropy, mask).reshape(1), mask.sum().reshape(1).float(),
+                          ops.masked_sum(r.values, mask).reshape(1)])
+        tok_stats = torch.stack([ops.masked_sum(x, mask) for x in
+                                 (adv["returns"], adv["returns"] ** 2, adv["returns"] - r.values,
+                                  (adv["returns"] - r.values) ** 2)])
+        s = global_sum(self.accelerator, torch.cat([sums.double(), tok_stats.double()])).tolist()
+        N, ntok = s[7], max(s[9], 1.0)
+        ret_var = s[12] / ntok - (s[11] / ntok) ** 2
+        res_var = s[14] / ntok - (s[13] / ntok) ** 2
+        return {
+            "objective/scores": s[0] / N, "objective/scores_shaped": s[1] / N, "objective/kl": s[2] / N,
+            "objective/non_score_reward": s[3] / N, "objective/rlhf_reward": s[4] / N, "objective/kl_coef": kl_coef,
+            "completions/mean_length": s[5] / N, "completions/no_stop_fraction": s[6] / N,
+            "policy/entropy": s[8] / ntok, "value/mean": s[10] / ntok,
+            "value/explained_variance": 1.0 - res_var / ret_var if ret_var > 0 else float("nan"),
+        }
+
+    def _init_trackers(self) -> None:
+        if self._trackers_ready or not self.config.report_to:
+            return
+        hparams = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in self.config.to_dict().items()}
+        self.accelerator.init_trackers("hfpg", config=hparams)
+        self._trackers_ready = True
+
+    def _rotate_checkpoints(self) -> None:
+        limit = self.config.save_total_limit
+        if not limit:
+            return
+        ckpts = sorted(_checkpoints(self.config.output_dir), key=lambda p: p[0])
+        for _, path in ckpts[:-limit]:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def _callback(self, event: str, *args) -> None:
+        for cb in self.callbacks:
+            getattr(cb, event)(self, *args)
+
+    def end_training(self) -> None:
+        """Flush and close the trackers (TensorBoard writes its last events)."""
+        if self._trackers_ready:
+            self.accelerator.end_training()
+            self._trackers_ready = False
+
+
+def _as_config(config) -> PGConfig:
+    if config is None:
+        return PGConfig()
+    if isinstance(config, dict):
+        return PGConfig.from_dict(config)
+    if isinstance(config, PGConfig):
+        return config
+    raise TypeError(f"config must be a PGConfig or a dict, not {type(config).__name__}")
+
+
+def _checkpoints(output_dir: str) -> list[tuple[int, str]]:
+    if not os.path.isdir(output_dir):
+        return []
+    out = []
+    for name in os.listdir(output_dir):
+        m = re.fullmatch(r"checkpoint-(\d+)", name)
+        if m and os.path.isfile(os.path.join(output_dir, name, TRAINER_STATE)):
+            out.append((int(m.group(1)), os.path.join(output_dir, name)))
+    return out
+
+
+def latest_checkpoint(output_dir: str) -> str | None:
+    """The newest complete ``checkpoint-N`` folder in ``output_dir`` (None if there is none)."""
+    ckpts = _checkpoints(output_dir)
+    return max(ckpts)[1] if ckpts else None

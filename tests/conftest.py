@@ -1,0 +1,89 @@
+"""Offline fixtures: a byte-level BPE tokenizer trained in a fraction of a second, and tiny random causal LMs."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+CORPUS = [
+    "the cat sat on the mat and the dog sat on the log",
+    "a good day is a day with good food and good friends",
+    "reinforcement learning fine tunes language models with rewards",
+    "policy gradient methods push up the probability of good actions",
+    "hello world, this is a tiny corpus for a tiny tokenizer",
+] * 4
+
+
+def make_tokenizer(pad_is_eos: bool = False) -> PreTrainedTokenizerFast:
+    from tokenizers import ByteLevelBPETokenizer
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(CORPUS, vocab_size=320, min_frequency=1, show_progress=False,
+                            special_tokens=["<|endoftext|>", "<pad>"])
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>",
+                                  bos_token="<|endoftext|>", unk_token="<|endoftext|>")
+    tok.pad_token = tok.eos_token if pad_is_eos else "<pad>"
+    return tok
+
+
+@pytest.fixture(scope="session")
+def tokenizer_base():
+    return make_tokenizer()
+
+
+@pytest.fixture
+def tokenizer(tokenizer_base):
+    import copy
+
+    return copy.deepcopy(tokenizer_base)
+
+
+@pytest.fixture
+def tokenizer_pad_is_eos():
+    return make_tokenizer(pad_is_eos=True)
+
+
+def tiny_gpt2(tokenizer, seed: int = 0, **overrides) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=len(tokenizer), n_positions=128, n_embd=32, n_layer=2, n_head=2,
+               bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+               pad_token_id=tokenizer.pad_token_id)
+    cfg.update(overrides)
+    return GPT2LMHeadModel(GPT2Config(**cfg)).eval()
+
+
+def tiny_llama(tokenizer, seed: int = 0, **overrides) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+               bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+               pad_token_id=tokenizer.pad_token_id)
+    cfg.update(overrides)
+    return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
+
+
+@pytest.fixture
+def gpt2(tokenizer):
+    return tiny_gpt2(tokenizer)
+
+
+@pytest.fixture
+def llama(tokenizer):
+    return tiny_llama(tokenizer)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """Each test gets its own Accelerator state (trainers in one process otherwise share it)."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
