@@ -164,18 +164,31 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
         return self.pretrained_model.disable_adapter()
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        """Recompute activations in backward (non-reentrant by default, which works with frozen PEFT bases)."""
+        """Recompute activations in backward (non-reentrant by default, which works with frozen PEFT bases).
+
+        Uses transformers' ``activation_checkpointing_enable`` where it exists (v5), else the older name."""
         kwargs = gradient_checkpointing_kwargs or {"use_reentrant": False}
-        self.pretrained_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        base = self.base_model
+        if hasattr(base, "activation_checkpointing_enable"):
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:  # transformers < 5
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         if self.is_peft_model and kwargs.get("use_reentrant", True):
             self.pretrained_model.enable_input_require_grads()
 
     def gradient_checkpointing_disable(self) -> None:
-        self.pretrained_model.gradient_checkpointing_disable()
+        base = self.base_model
+        if hasattr(base, "activation_checkpointing_disable"):
+            base.activation_checkpointing_disable()
+        else:
+            base.gradient_checkpointing_disable()
 
     @property
     def is_gradient_checkpointing(self) -> bool:
-        return bool(getattr(self.base_model, "is_gradient_checkpointing", False))
+        base = self.base_model
+        if hasattr(type(base), "is_activation_checkpointing"):
+            return bool(base.is_activation_checkpointing)
+        return bool(getattr(base, "is_gradient_checkpointing", False))
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -107,7 +107,8 @@ def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0, chunk_si
             chunk = chunk / temperature
         lse = torch.logsumexp(chunk, dim=-1, keepdim=True)
         p = torch.exp(chunk - lse)
-        out.append(lse.squeeze(-1) - (p * chunk).sum(-1))
+        p_logit = torch.where(p > 0, p * chunk, torch.zeros_like(chunk))  # 0 · (-inf) from masked logits is 0
+        out.append(lse.squeeze(-1) - p_logit.sum(-1))
     return torch.cat(out, dim=0)
 
 
