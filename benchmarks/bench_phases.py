@@ -73,8 +73,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                    default="no", help="PGConfig.mixed_precision (weights stay fp32, compute is autocast)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-cuda-sync", action="store_true",
-                   help="on CUDA, do not synchronize after the rollout forwards (see README: phase attribution)")
     p.add_argument("--json", metavar="PATH", default=None, help="also write the results as JSON to PATH")
     args = p.parse_args(argv)
     if args.mini_batch_size is None:
@@ -135,26 +133,6 @@ def char_fraction_reward(prompts, completions, **kwargs) -> list[float]:
     return [c.count(TARGET_CHAR) / len(c) if c else 0.0 for c in completions]
 
 
-def install_cuda_sync() -> None:
-    """Make the rollout's no-grad forwards finish before their phase timer stops.
-
-    PGTrainer.make_rollout times the policy and reference forwards without synchronizing the device, so on CUDA
-    their queued kernels are waited for later (in the reward phase's ``.cpu()``). Wrapping the ``batched`` helper
-    that both forwards go through (as imported into hfpg.trainer) puts the wait back where it belongs.
-    """
-    import torch
-    import hfpg.trainer as trainer_mod
-
-    inner = trainer_mod.batched
-
-    def batched_synced(*a, **kw):
-        out = inner(*a, **kw)
-        torch.cuda.synchronize()
-        return out
-
-    trainer_mod.batched = batched_synced
-
-
 # ---- statistics and printing ---------------------------------------------------------------------------------------
 def summarise(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values),
@@ -203,8 +181,6 @@ def main(argv=None) -> int:
 
     device = trainer.accelerator.device
     on_cuda = device.type == "cuda"
-    if on_cuda and not args.no_cuda_sync:
-        install_cuda_sync()
     policy = trainer.unwrapped_model
     n_policy = sum(p.numel() for p in policy.parameters())
     n_ref = sum(p.numel() for p in trainer.ref_model.parameters()) if trainer.ref_model is not None else 0
@@ -295,7 +271,7 @@ def main(argv=None) -> int:
             "env": {"torch": torch.__version__, "python": platform.python_version(), "device": str(device),
                     "device_name": torch.cuda.get_device_name(device) if on_cuda else platform.processor() or None,
                     "param_dtype": str(param_dtype), "mixed_precision": mp, "threads": threads,
-                    "params_policy": n_policy, "params_reference": n_ref, "cuda_sync": on_cuda and not args.no_cuda_sync},
+                    "params_policy": n_policy, "params_reference": n_ref},
             "prompt_tokens": {"mean": statistics.mean(prompt_lens), "min": min(prompt_lens), "max": max(prompt_lens)},
             "setup_seconds": setup_s, "measured_seconds": run_s,
             "summary_seconds": {k: stats[k] for k in keys},

@@ -160,23 +160,23 @@ class PGTrainer:
 
     def step(self) -> dict[str, float]:
         """One iteration: rollout of a global batch, scores, advantages, update, KL controller."""
-        t_step = time.perf_counter()
+        t_step = self._clock()
         rows = self.train_dataset[self.sampler.next_local()]
         rows = [dict(zip(rows, vals)) for vals in zip(*rows.values())]
         rollout, timings = self.make_rollout(rows)
         scores, score_metrics = self._shape_scores(rollout)
-        t0 = time.perf_counter()
+        t0 = self._clock()
         kl_coef = self.kl_ctl.value
         adv = self.algorithm.compute_advantages(rollout, scores, kl_coef, self.accelerator)
         update_metrics = self.algorithm.update(self.model, self.optimizer, self.scheduler, self.accelerator, rollout,
                                                adv["advantages"], adv["returns"])
-        timings["time/update"] = time.perf_counter() - t0
+        timings["time/update"] = self._clock() - t0
         metrics = self._step_metrics(rollout, adv, scores, kl_coef)
         self.kl_ctl.update(metrics["objective/kl"], self.config.rollout_batch_size)
         metrics.update(score_metrics)
         metrics.update(update_metrics)
         metrics.update(timings)
-        metrics["time/step"] = step_time = time.perf_counter() - t_step
+        metrics["time/step"] = step_time = self._clock() - t_step
         tokens = global_sum(self.accelerator, torch.stack([rollout.query_mask.sum(), rollout.response_mask.sum()])
                             .float()).tolist()
         metrics["tokens_per_second"] = (tokens[0] + tokens[1]) / step_time
@@ -191,33 +191,34 @@ class PGTrainer:
         policy = self.unwrapped_model
         policy.eval()  # no dropout and no gradient checkpointing during generation
         timings = {}
-        t = time.perf_counter()
+        clock = self._clock
+        t = clock()
         query_ids, query_mask = tokenize_prompts(self.tokenizer, prompts, cfg.max_prompt_length, acc.device)
         with acc.autocast():
             response_ids, response_mask, has_stop = generate_responses(
                 policy, query_ids, query_mask, self.generation_config, self.stop_token_ids, self.tokenizer.pad_token_id)
-        timings["time/generate"] = time.perf_counter() - t
+        timings["time/generate"] = clock() - t
         rollout = Rollout(query_ids, query_mask, response_ids, response_mask, has_stop, prompts=prompts,
                           columns=columns_for(rows, cfg.prompt_column))
         n = len(rows)
         seqs = dict(query_ids=query_ids, query_mask=query_mask, response_ids=response_ids, response_mask=response_mask)
-        t = time.perf_counter()
+        t = clock()
         with acc.autocast():
             out = batched(lambda **kw: sequence_forward(policy, **kw, temperature=cfg.temperature, with_values=True,
                                                         with_entropy=True), cfg.forward_batch_size, n, **seqs)
         rollout.logprobs, rollout.values, rollout.entropy = out["logprobs"], out["values"], out["entropy"]
-        timings["time/policy_forward"] = time.perf_counter() - t
-        t = time.perf_counter()
+        timings["time/policy_forward"] = clock() - t
+        t = clock()
         if with_ref:
             with acc.autocast(), reference_context(policy, self.ref_model) as ref:
                 ref_out = batched(lambda **kw: sequence_forward(ref, **kw, temperature=cfg.temperature,
                                                                 with_values=False), cfg.forward_batch_size, n, **seqs)
             rollout.ref_logprobs = ref_out["logprobs"]
-        timings["time/ref_forward"] = time.perf_counter() - t
-        t = time.perf_counter()
+        timings["time/ref_forward"] = clock() - t
+        t = clock()
         rollout.completions = decode_completions(self.tokenizer, response_ids, response_mask)
         rollout.scores = compute_scores(self.reward_fn, prompts, rollout.completions, rollout.columns, acc.device)
-        timings["time/reward"] = time.perf_counter() - t
+        timings["time/reward"] = clock() - t
         timings["time/rollout"] = sum(timings.values())
         return rollout, timings
 
@@ -298,6 +299,12 @@ class PGTrainer:
             self.global_step = int(json.load(f)["global_step"])
 
     # ---- internals -----------------------------------------------------------------------------------------------
+    def _clock(self) -> float:  # noqa: D401
+        """Wall time after the device's queued work is done, so each phase is charged its own GPU time."""
+        if self.accelerator.device.type == "cuda":
+            torch.cuda.synchronize()  # a CPU-GPU sync point, once per phase
+        return time.perf_counter()
+
     def _shape_scores(self, rollout: Rollout) -> tuple[torch.Tensor, dict[str, float]]:
         """Missing-EOS penalty, then optional scaling (running std / batch whitening over all processes), clipping."""
         cfg, acc = self.config, self.accelerator
