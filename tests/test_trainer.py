@@ -169,7 +169,6 @@ def test_gradient_accumulation_gives_the_same_update(tokenizer, tmp_path):
                                mini_batch_size=8, gradient_accumulation_steps=accum, learning_rate=1e-3)
         trainer.train()
         results.append(params(trainer.unwrapped_model))
-    moved = 0
     for k in results[0]:
         torch.testing.assert_close(results[0][k], results[1][k], rtol=1e-5, atol=2e-6)
     init = params(AutoModelForCausalLMWithValueHead(tiny_gpt2(tokenizer)))
@@ -251,7 +250,7 @@ def test_resumed_run_continues_exactly_like_an_uninterrupted_one(tokenizer, tmp_
     assert (tmp_path / "b" / "run" / "checkpoint-2" / "trainer_state.json").is_file()
     resumed = make_trainer(tokenizer, tmp_path / "b", **kw)
     resumed.train(resume_from_checkpoint=True)
-    assert resumed.global_step == 4
+    assert resumed.global_step == 4 and len(resumed.log_history) == 2
     a, b = params(straight.unwrapped_model), params(resumed.unwrapped_model)
     for k in a:
         assert torch.equal(a[k], b[k]), k
@@ -384,3 +383,35 @@ def test_bad_rewards_fail_before_any_optimizer_step(bad, message, tokenizer, tmp
     for k, v in params(trainer.unwrapped_model).items():
         assert torch.equal(before[k], v)
     assert not any(s["exp_avg"].abs().sum() for s in trainer.optimizer.state.values())
+
+
+# ---- memory/speed options give the same numbers -----------------------------------------------------------------------
+def test_chunked_rollout_forwards_match_one_big_forward(tokenizer, tmp_path):
+    rollouts = []
+    for chunk in (None, 3):  # 3 does not divide 8: the last chunk is short
+        trainer = make_trainer(tokenizer, tmp_path / str(chunk), forward_batch_size=chunk)
+        torch.manual_seed(0)
+        rows = [{"prompt": p} for p in PROMPTS * 2]
+        rollouts.append(trainer.make_rollout(rows)[0])
+    a, b = rollouts
+    assert torch.equal(a.response_ids, b.response_ids)
+    for name in ("logprobs", "ref_logprobs", "values", "entropy"):
+        torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_checkpointing_gives_the_same_training_step(tokenizer, tmp_path):
+    results = []
+    for ckpt in (False, True):
+        trainer = make_trainer(tokenizer, tmp_path / str(ckpt), max_steps=1, gradient_checkpointing=ckpt)
+        assert trainer.unwrapped_model.is_gradient_checkpointing == ckpt
+        trainer.train()
+        results.append(params(trainer.unwrapped_model))
+    for k in results[0]:
+        torch.testing.assert_close(results[0][k], results[1][k], rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_mixed_precision_trains_with_an_fp32_value_head(tokenizer, tmp_path):
+    trainer = make_trainer(tokenizer, tmp_path, max_steps=2, mixed_precision="bf16")
+    m = trainer.train()
+    assert all(math.isfinite(m[k]) for k in ("objective/kl", "loss/policy", "loss/value", "policy/approxkl"))
+    assert trainer.unwrapped_model.v_head.summary.weight.dtype == torch.float32
