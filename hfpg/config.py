@@ -169,14 +169,15 @@ class PGConfig:
         return p
 
     def batch_problems(self, num_processes: int = 1) -> list[str]:
-        """Batch sizes must divide exactly: rollout = mini_batch × n_minibatches, mini_batch = processes × accum × micro."""
+        """Batch sizes must divide: rollout = mini_batch × n_minibatches; mini_batch = processes × accum × micro."""
         p = []
         if self.rollout_batch_size <= 0 or self.mini_batch_size <= 0 or self.gradient_accumulation_steps <= 0:
             return p
         if self.rollout_batch_size % self.mini_batch_size:
+            suggestion = _divisor_below(self.rollout_batch_size, self.mini_batch_size)
             p.append(
                 f"rollout_batch_size={self.rollout_batch_size} is not a multiple of mini_batch_size="
-                f"{self.mini_batch_size}; pick e.g. mini_batch_size={_divisor_below(self.rollout_batch_size, self.mini_batch_size)}"
+                f"{self.mini_batch_size}; pick e.g. mini_batch_size={suggestion}"
             )
         per_update = num_processes * self.gradient_accumulation_steps
         if self.mini_batch_size % per_update:
@@ -185,7 +186,8 @@ class PGConfig:
                 f"gradient_accumulation_steps ({self.gradient_accumulation_steps}) = {per_update}"
             )
         if self.rollout_batch_size % num_processes:
-            p.append(f"rollout_batch_size={self.rollout_batch_size} must be a multiple of num_processes ({num_processes})")
+            p.append(
+                f"rollout_batch_size={self.rollout_batch_size} must be a multiple of num_processes ({num_processes})")
         return p
 
     def check_for(self, num_processes: int) -> None:

@@ -14,7 +14,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, get_scheduler
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase, get_scheduler
 
 from . import ops
 from .algorithms import build_algorithm
@@ -37,14 +37,16 @@ class PGTrainer:
     """Fine-tune a causal LM with policy-gradient RL against ``reward_fn(prompts, completions, **columns)``.
 
     model: an :class:`AutoModelForCausalLMWithValueHead`, a plain (or PEFT) causal LM, or a model id / path.
-    ref_model: frozen reference for the KL penalty; by default a frozen copy of the policy, or — for a PEFT
-    policy — the same weights with adapters disabled.
+    ref_model: frozen reference for the KL penalty (a model, or an id / path); by default a frozen copy of the
+    policy, or — for a PEFT policy — the same weights with adapters disabled.
+    tokenizer (or ``processing_class``, TRL's name): the policy's tokenizer; EOS pads when it has no pad token.
     """
 
     def __init__(self, model, tokenizer: PreTrainedTokenizerBase | None = None, config: PGConfig | dict | None = None,
                  train_dataset=None, reward_fn: Callable | None = None, ref_model=None, eval_dataset=None,
-                 callbacks: list[TrainerCallback] | None = None, optimizers=(None, None)):
+                 callbacks: list[TrainerCallback] | None = None, optimizers=(None, None), processing_class=None):
         self.config = config = _as_config(config)
+        tokenizer = tokenizer if tokenizer is not None else processing_class  # TRL's name for the tokenizer
         if reward_fn is None or not callable(reward_fn):
             raise TypeError("reward_fn must be a callable fn(prompts, completions, **columns) -> list[float]")
         self.reward_fn = reward_fn
@@ -66,6 +68,7 @@ class PGTrainer:
             raise TypeError("pass the tokenizer that matches the model (tokenizer=AutoTokenizer.from_pretrained(...))")
         self.tokenizer = tokenizer
         if tokenizer.pad_token_id is None:  # GPT-2 & co: pad with EOS; masks never rely on pad != EOS
+            logger.info("the tokenizer has no pad token; using its EOS token %r for padding", tokenizer.eos_token)
             tokenizer.pad_token = tokenizer.eos_token
         self.stop_token_ids = list(config.stop_token_ids or [tokenizer.eos_token_id])
         if None in self.stop_token_ids:
@@ -85,6 +88,8 @@ class PGTrainer:
 
         if config.disable_dropout:
             disable_dropout(model)
+        if isinstance(ref_model, str):
+            ref_model = AutoModelForCausalLM.from_pretrained(ref_model)
         if ref_model is None:
             ref_model = create_reference_model(model)  # None for PEFT: adapters are disabled instead
         if ref_model is not None:
@@ -293,7 +298,8 @@ class PGTrainer:
                                         f"checkpoint-N folder; train with save_steps>0 first or pass a path")
         state_file = os.path.join(path, TRAINER_STATE)
         if not os.path.isfile(state_file):
-            raise FileNotFoundError(f"{path} is not an hfpg checkpoint (no {TRAINER_STATE}); pass a checkpoint-N folder")
+            raise FileNotFoundError(
+                f"{path} is not an hfpg checkpoint (no {TRAINER_STATE}); pass a checkpoint-N folder")
         self.accelerator.load_state(path)
         with open(state_file) as f:
             self.global_step = int(json.load(f)["global_step"])
@@ -352,7 +358,8 @@ class PGTrainer:
     def _init_trackers(self) -> None:
         if self._trackers_ready or not self.config.report_to:
             return
-        hparams = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in self.config.to_dict().items()}
+        hparams = {k: (v if isinstance(v, (int, float, str, bool)) else str(v))
+                   for k, v in self.config.to_dict().items()}
         self.accelerator.init_trackers("hfpg", config=hparams)
         self._trackers_ready = True
 

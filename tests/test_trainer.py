@@ -385,7 +385,7 @@ def test_bad_rewards_fail_before_any_optimizer_step(bad, message, tokenizer, tmp
     assert not any(s["exp_avg"].abs().sum() for s in trainer.optimizer.state.values())
 
 
-# ---- memory/speed options give the same numbers -----------------------------------------------------------------------
+# ---- memory/speed options give the same numbers ----------------------------------------------------------------------
 def test_chunked_rollout_forwards_match_one_big_forward(tokenizer, tmp_path):
     rollouts = []
     for chunk in (None, 3):  # 3 does not divide 8: the last chunk is short
@@ -415,3 +415,53 @@ def test_bf16_mixed_precision_trains_with_an_fp32_value_head(tokenizer, tmp_path
     m = trainer.train()
     assert all(math.isfinite(m[k]) for k in ("objective/kl", "loss/policy", "loss/value", "policy/approxkl"))
     assert trainer.unwrapped_model.v_head.summary.weight.dtype == torch.float32
+
+
+def test_gradient_clipping_bounds_the_update(tokenizer, tmp_path):
+    """With plain SGD at lr=1 and one optimizer step, the weights move by exactly the clipped gradient norm."""
+    model = AutoModelForCausalLMWithValueHead(tiny_gpt2(tokenizer))
+    before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+    sgd = torch.optim.SGD(model.parameters(), lr=1.0)
+    trainer = PGTrainer(model, tokenizer, PGConfig(
+        output_dir=str(tmp_path), max_steps=1, rollout_batch_size=8, mini_batch_size=8, ppo_epochs=1,
+        max_new_tokens=6, max_grad_norm=0.01, report_to=[], disable_tqdm=True, lr_scheduler_type="constant"),
+        train_dataset=[{"prompt": p} for p in PROMPTS], reward_fn=length_reward, optimizers=(sgd, None))
+    m = trainer.train()
+    after = torch.cat([p.detach().flatten() for p in trainer.unwrapped_model.parameters()])
+    assert m["policy/grad_norm"] > 0.01  # the raw gradient was larger than the bound
+    assert (after - before).norm().item() == pytest.approx(0.01, rel=1e-3)
+
+
+def test_score_shaping_whitening_running_std_and_clipping(tokenizer, tmp_path):
+    from hfpg.rollout import Rollout
+
+    def fake(scores, has_stop):
+        n = len(scores)
+        z = torch.zeros(n, 1, dtype=torch.long)
+        return Rollout(z, z, z, z.bool(), torch.tensor(has_stop), scores=torch.tensor(scores))
+
+    trainer = make_trainer(tokenizer, tmp_path, score_scaling="whiten", missing_eos_penalty=1.0)
+    shaped, _ = trainer._shape_scores(fake([1.0, 2.0, 3.0, 6.0], [True, True, True, False]))
+    raw = torch.tensor([1.0, 2.0, 3.0, 5.0])  # the EOS penalty comes first
+    torch.testing.assert_close(shaped, (raw - raw.mean()) / raw.std())
+
+    trainer.config.score_scaling, trainer.config.missing_eos_penalty = "running_std", None
+    trainer._shape_scores(fake([0.0, 4.0], [True, True]))  # running var so far: 4 (population)
+    shaped, _ = trainer._shape_scores(fake([2.0, 2.0], [True, True]))  # all four: mean 2, var 2
+    torch.testing.assert_close(shaped, torch.tensor([2.0, 2.0]) / 2.0**0.5)
+
+    trainer.config.score_scaling, trainer.config.score_clip = "none", 1.5
+    shaped, _ = trainer._shape_scores(fake([-3.0, 0.5, 3.0], [True, True, True]))
+    torch.testing.assert_close(shaped, torch.tensor([-1.5, 0.5, 1.5]))
+
+
+def test_trainer_loads_model_and_tokenizer_from_a_path(tokenizer, tmp_path):
+    tiny_gpt2(tokenizer).save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    trainer = PGTrainer(str(tmp_path / "m"), config=PGConfig(output_dir=str(tmp_path / "run"), max_steps=1,
+                        rollout_batch_size=4, mini_batch_size=4, max_new_tokens=4, report_to=[], disable_tqdm=True),
+                        train_dataset=[{"prompt": p} for p in PROMPTS], reward_fn=length_reward,
+                        ref_model=str(tmp_path / "m"))
+    assert isinstance(trainer.unwrapped_model, AutoModelForCausalLMWithValueHead)
+    assert trainer.tokenizer.pad_token == "<pad>"
+    assert trainer.train()["objective/kl"] == pytest.approx(0.0, abs=1e-6)  # the loaded reference equals the policy

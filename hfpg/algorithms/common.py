@@ -48,10 +48,9 @@ class MetricSums:
         names = sorted(self.sums)
         if not names:
             return {}
-        flat = torch.tensor(
-            [float(self.sums[k]) for k in names] + [float(self.counts[k]) for k in names],
-            dtype=torch.float64, device=device,
-        )
+        # one stacked tensor and one reduction: a single CPU-GPU sync for all metrics
+        values = [self.sums[k] for k in names] + [self.counts[k] for k in names]
+        flat = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values])
         flat = global_sum(accelerator, flat).tolist()
         n = len(names)
         return {k: flat[i] / flat[n + i] if flat[n + i] else float("nan") for i, k in enumerate(names)}
