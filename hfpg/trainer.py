@@ -80,11 +80,11 @@ class PGTrainer:
             raise DataError("train_dataset is required: a datasets.Dataset (or list of dicts) with a "
                             f"{config.prompt_column!r} column")
         text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        context = getattr(text_config, "max_position_embeddings", None)
+        self._context_length = getattr(text_config, "max_position_embeddings", None)
         for ds, name in ((self.train_dataset, "train_dataset"), (self.eval_dataset, "eval_dataset")):
             if ds is not None:
                 check_prompts(ds, name, config.prompt_column, tokenizer, config.max_prompt_length,
-                              config.max_new_tokens, context)
+                              config.max_new_tokens, self._context_length)
 
         if config.disable_dropout:
             disable_dropout(model)
@@ -230,10 +230,14 @@ class PGTrainer:
     @torch.no_grad()
     def evaluate(self, eval_dataset=None) -> dict[str, float]:
         """Sample completions for the eval prompts (sharded over processes) and report mean score, KL and length."""
-        ds = as_dataset(eval_dataset, "eval_dataset") if eval_dataset is not None else self.eval_dataset
+        acc, cfg = self.accelerator, self.config
+        ds = self.eval_dataset
+        if eval_dataset is not None:
+            ds = as_dataset(eval_dataset, "eval_dataset")
+            check_prompts(ds, "eval_dataset", cfg.prompt_column, self.tokenizer, cfg.max_prompt_length,
+                          cfg.max_new_tokens, self._context_length)
         if ds is None:
             raise DataError("evaluate() needs an eval_dataset (pass it here or to the trainer)")
-        acc, cfg = self.accelerator, self.config
         local = list(range(acc.process_index, len(ds), acc.num_processes))
         chunk = cfg.rollout_batch_size // acc.num_processes
         sums = torch.zeros(5, dtype=torch.float64, device=acc.device)
@@ -376,9 +380,12 @@ class PGTrainer:
             getattr(cb, event)(self, *args)
 
     def end_training(self) -> None:
-        """Flush and close the trackers (TensorBoard writes its last events)."""
+        """Flush and close the trackers (TensorBoard writes its last events). Unlike ``Accelerator.end_training`` it
+        keeps the process group alive, so ``evaluate()`` and ``save_model()`` still work after ``train()``."""
         if self._trackers_ready:
-            self.accelerator.end_training()
+            for tracker in self.accelerator.trackers:
+                tracker.finish()
+            self.accelerator.trackers = []
             self._trackers_ready = False
 
 

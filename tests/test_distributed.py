@@ -22,7 +22,7 @@ def two_ranks(tmp_path_factory):
            str(SCRIPT), str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    return [{**json.loads((out / f"rank{r}.json").read_text()), "out_dir": str(out)} for r in (0, 1)]
 
 
 def test_two_processes_share_the_batch_and_sample_differently(two_ranks):
@@ -39,3 +39,13 @@ def test_ddp_keeps_replicas_identical_after_the_update(two_ranks):
     r0, r1 = two_ranks
     assert r0["weights_head"] == r1["weights_head"]
     assert r0["weights_sum"] == pytest.approx(r1["weights_sum"], rel=1e-9)
+
+
+def test_evaluate_and_save_work_after_training_with_trackers(two_ranks, tmp_path_factory):
+    out = Path(two_ranks[0]["out_dir"])
+    m0 = json.loads((out / "rank0.eval.json").read_text())
+    m1 = json.loads((out / "rank1.eval.json").read_text())
+    assert m0 == m1  # reduced over both processes
+    assert m0["eval/num_samples"] == 5  # 3 rows on rank 0, 2 on rank 1
+    assert (out / "final" / "value_head.safetensors").is_file()
+    assert list((out / "run" / "runs").rglob("events.out.tfevents.*"))  # written once, by the main process

@@ -465,3 +465,11 @@ def test_trainer_loads_model_and_tokenizer_from_a_path(tokenizer, tmp_path):
     assert isinstance(trainer.unwrapped_model, AutoModelForCausalLMWithValueHead)
     assert trainer.tokenizer.pad_token == "<pad>"
     assert trainer.train()["objective/kl"] == pytest.approx(0.0, abs=1e-6)  # the loaded reference equals the policy
+
+
+def test_evaluate_checks_a_dataset_passed_to_it(tokenizer, tmp_path):
+    trainer = make_trainer(tokenizer, tmp_path)
+    with pytest.raises(DataError, match="evaluate\\(\\) needs an eval_dataset"):
+        trainer.evaluate()
+    with pytest.raises(DataError, match="eval_dataset has no column 'prompt'"):
+        trainer.evaluate([{"question": "x"}])

@@ -22,7 +22,7 @@ def length(prompts, completions, **kw):
 
 
 cfg = PGConfig(output_dir=os.path.join(out_dir, "run"), max_steps=1, rollout_batch_size=8, mini_batch_size=4,
-               ppo_epochs=1, max_new_tokens=6, report_to=[], disable_tqdm=True, learning_rate=1e-2)
+               ppo_epochs=1, max_new_tokens=6, report_to=["tensorboard"], disable_tqdm=True, learning_rate=1e-2)
 trainer = PGTrainer(tiny_gpt2(tok), tok, cfg, train_dataset=rows, reward_fn=length)
 seen = {}
 original = trainer.make_rollout
@@ -41,3 +41,8 @@ weights = torch.cat([p.detach().flatten() for p in trainer.unwrapped_model.param
 with open(os.path.join(out_dir, f"rank{acc.process_index}.json"), "w") as f:
     json.dump({"num_processes": acc.num_processes, "distributed_type": str(acc.distributed_type),
                "weights_sum": float(weights.double().sum()), "weights_head": weights[:50].tolist(), **seen}, f)
+# after train(): collectives still work (the process group survives the trackers being closed)
+metrics = trainer.evaluate([{"prompt": "the cat sat", "row": i} for i in range(5)])
+trainer.save_model(os.path.join(out_dir, "final"))
+with open(os.path.join(out_dir, f"rank{acc.process_index}.eval.json"), "w") as f:
+    json.dump(metrics, f)
