@@ -7,10 +7,22 @@ from .config import ConfigError, PGConfig
 from .data import DataError
 from .kl import AdaptiveKLController, FixedKLController
 from .modeling import AutoModelForCausalLMWithValueHead, create_reference_model
-from .rewards import RewardError, RewardFunction
+from .rewards import (BLEUReward, ChrFReward, CombinedReward, EvaluateMetricReward, LengthPenalty, LMLikelihoodReward,
+                      RepetitionPenalty, Reward, RewardError, RewardFunction, RewardModelReward, ROUGEReward, TERReward)
 from .trainer import PGTrainer
 
 __all__ = [
+    "BLEUReward",
+    "ChrFReward",
+    "CombinedReward",
+    "EvaluateMetricReward",
+    "LMLikelihoodReward",
+    "LengthPenalty",
+    "ROUGEReward",
+    "RepetitionPenalty",
+    "Reward",
+    "RewardModelReward",
+    "TERReward",
     "AdaptiveKLController",
     "AutoModelForCausalLMWithValueHead",
     "ConfigError",

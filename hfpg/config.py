@@ -97,6 +97,19 @@ class PGConfig:
         None, "Subtract this from the score of a completion that hit max_new_tokens without a stop token."
     )
 
+    # --- rewards declared in the config (instead of passing reward_fn) ---------------------------------------
+    rewards: list = _f(
+        [], "Rewards as [{name: bleu | module:function | file.py:function, weight: 1.0, kwargs: {...}, label: ...}]."
+    )
+    reward_normalize: str = _f(
+        "none", "Per-reward normalisation before weighting: none | batch (z-score) | running (running mean/std).",
+        choices=("none", "batch", "running"),
+    )
+    reward_clip: float | None = _f(None, "Clip the combined reward to [-reward_clip, reward_clip] (None = off).")
+    reward_nonfinite: float | None = _f(
+        None, "None = NaN/inf from a reward is an error naming it; a number = replace it by this and count it."
+    )
+
     # --- generation ---------------------------------------------------------------------------------------------
     max_new_tokens: int = _f(32, "Maximum completion length in tokens.")
     min_new_tokens: int = _f(0, "Minimum completion length before a stop token may be sampled.")
@@ -165,6 +178,11 @@ class PGConfig:
             p.append(f"report_to={self.report_to!r} must be a list, e.g. [tensorboard] or []")
         if self.stop_token_ids is not None and not all(isinstance(t, int) for t in self.stop_token_ids):
             p.append(f"stop_token_ids={self.stop_token_ids!r} must be a list of integer token ids")
+        if self.reward_clip is not None and self.reward_clip <= 0:
+            p.append(f"reward_clip={self.reward_clip!r} must be > 0 or null")
+        from .rewards.registry import spec_problems  # light: imports no reward library
+
+        p.extend(spec_problems(self.rewards))
         p.extend(self.batch_problems(num_processes))
         return p
 
@@ -252,7 +270,9 @@ class PGConfig:
             raise ConfigError(f"{path} is not valid YAML: {e}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path} must hold a mapping of key: value pairs, got {type(data).__name__}")
-        return cls.from_dict(data, overrides)
+        config = cls.from_dict(data, overrides)
+        config.base_dir = str(path.resolve().parent)  # where relative reward files are looked up
+        return config
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

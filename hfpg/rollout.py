@@ -30,6 +30,7 @@ class Rollout:
     values: torch.Tensor | None = None
     entropy: torch.Tensor | None = None  # per-token entropy of the sampling policy (temperature-scaled)
     scores: torch.Tensor | None = None  # (B,) sequence scores from the reward function
+    components: dict[str, torch.Tensor] = field(default_factory=dict)  # (B,) raw scores of each reward part
     prompts: list[str] = field(default_factory=list)
     completions: list[str] = field(default_factory=list)
     columns: dict[str, list] = field(default_factory=dict)

@@ -25,7 +25,8 @@ from .data import DataError, PromptSampler, as_dataset, check_prompts
 from .kl import build_kl_controller
 from .modeling import AutoModelForCausalLMWithValueHead, create_reference_model, disable_dropout, reference_context
 from .normalize import RunningMoments
-from .rewards import compute_scores
+from .rewards.base import compute_scores, setup_reward
+from .rewards.registry import build_reward
 from .rollout import (Rollout, batched, build_generation_config, columns_for, decode_completions, generate_responses,
                       sequence_forward, tokenize_prompts)
 
@@ -47,8 +48,15 @@ class PGTrainer:
                  callbacks: list[TrainerCallback] | None = None, optimizers=(None, None), processing_class=None):
         self.config = config = _as_config(config)
         tokenizer = tokenizer if tokenizer is not None else processing_class  # TRL's name for the tokenizer
+        if reward_fn is not None and config.rewards:
+            raise ConfigError("both reward_fn and config.rewards are set; pass one (rewards: in YAML builds a "
+                              "CombinedReward, reward_fn= takes any callable or CombinedReward)")
+        if reward_fn is None and config.rewards:
+            reward_fn = build_reward(config.rewards, config.reward_normalize, config.reward_clip,
+                                     config.reward_nonfinite, base_dir=getattr(config, "base_dir", None))
         if reward_fn is None or not callable(reward_fn):
-            raise TypeError("reward_fn must be a callable fn(prompts, completions, **columns) -> list[float]")
+            raise TypeError("reward_fn must be a callable fn(prompts, completions, **columns) -> list[float] "
+                            "(or declare rewards: in the config)")
         self.reward_fn = reward_fn
         self.accelerator = Accelerator(
             mixed_precision=config.mixed_precision,
@@ -121,6 +129,11 @@ class PGTrainer:
                                      self.accelerator.process_index, self.accelerator.num_processes)
         for obj in (self.scheduler, self.kl_ctl, self.score_moments, self.sampler):
             self.accelerator.register_for_checkpointing(obj)
+        # reward models go to this process's device (never into DDP); running reward statistics are global
+        setup_reward(self.reward_fn, device=self.accelerator.device, gather=self._gather_cpu)
+        if callable(getattr(self.reward_fn, "state_dict", None)) and callable(getattr(self.reward_fn,
+                                                                                       "load_state_dict", None)):
+            self.accelerator.register_for_checkpointing(self.reward_fn)
         self.generation_config = build_generation_config(config, tokenizer, self.stop_token_ids)
         self.callbacks = list(callbacks or [])
         self.global_step = 0
@@ -148,8 +161,10 @@ class PGTrainer:
             metrics = self.step()
             self.global_step += 1
             bar.update(1)
-            bar.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}",
-                            beta=f"{metrics['objective/kl_coef']:.3g}")
+            parts = {k.split("/")[1]: f"{v:.3g}" for k, v in metrics.items()
+                     if k.startswith("reward/") and k.endswith("/mean")}
+            bar.set_postfix(score=f"{metrics['objective/scores']:.3f}", **dict(list(parts.items())[:4]),
+                            kl=f"{metrics['objective/kl']:.3f}", beta=f"{metrics['objective/kl_coef']:.3g}")
             if self.global_step % cfg.logging_steps == 0 or self.global_step == cfg.max_steps:
                 self.log(metrics)
             if cfg.eval_steps and self.eval_dataset is not None and self.global_step % cfg.eval_steps == 0:
@@ -179,6 +194,7 @@ class PGTrainer:
         metrics = self._step_metrics(rollout, adv, scores, kl_coef)
         self.kl_ctl.update(metrics["objective/kl"], self.config.rollout_batch_size)
         metrics.update(score_metrics)
+        metrics.update(self._component_metrics(rollout.components))
         metrics.update(update_metrics)
         metrics.update(timings)
         metrics["time/step"] = step_time = self._clock() - t_step
@@ -223,6 +239,7 @@ class PGTrainer:
         t = clock()
         rollout.completions = decode_completions(self.tokenizer, response_ids, response_mask)
         rollout.scores = compute_scores(self.reward_fn, prompts, rollout.completions, rollout.columns, acc.device)
+        rollout.components = dict(getattr(self.reward_fn, "last_components", None) or {})
         timings["time/reward"] = clock() - t
         timings["time/rollout"] = sum(timings.values())
         return rollout, timings
@@ -241,6 +258,7 @@ class PGTrainer:
         local = list(range(acc.process_index, len(ds), acc.num_processes))
         chunk = cfg.rollout_batch_size // acc.num_processes
         sums = torch.zeros(5, dtype=torch.float64, device=acc.device)
+        components: dict[str, list[torch.Tensor]] = {}
         for start in range(0, len(local), chunk):
             part = ds[local[start : start + chunk]]
             rows = [dict(zip(part, vals)) for vals in zip(*part.values())]
@@ -248,11 +266,14 @@ class PGTrainer:
             kl = ops.masked_sum(ops.kl_per_token(r.logprobs, r.ref_logprobs, cfg.kl_estimator), r.response_mask, 1)
             sums += torch.tensor([r.scores.sum(), (r.scores**2).sum(), kl.sum(), r.response_mask.sum(), len(rows)],
                                  dtype=torch.float64, device=acc.device)
+            for name, part in r.components.items():
+                components.setdefault(name, []).append(part)
         total = global_sum(acc, sums).tolist()
         n = max(total[4], 1.0)
         mean = total[0] / n
         metrics = {"eval/scores": mean, "eval/scores_std": max(total[1] / n - mean**2, 0.0) ** 0.5,
                    "eval/kl": total[2] / n, "eval/completion_length": total[3] / n, "eval/num_samples": total[4]}
+        metrics.update(self._component_metrics({k: torch.cat(v) for k, v in components.items()}, "eval/reward"))
         self.log(metrics)
         self._callback("on_evaluate", self.global_step, metrics)
         return metrics
@@ -309,6 +330,29 @@ class PGTrainer:
             self.global_step = int(json.load(f)["global_step"])
 
     # ---- internals -----------------------------------------------------------------------------------------------
+    def _gather_cpu(self, x: torch.Tensor) -> torch.Tensor:
+        """Concatenate a CPU tensor over all processes (on the device the backend needs), back on the CPU."""
+        if self.accelerator.num_processes == 1:
+            return x
+        return self.accelerator.gather(x.to(self.accelerator.device)).cpu()
+
+    def _component_metrics(self, components: dict[str, torch.Tensor], prefix: str = "reward") -> dict[str, float]:
+        """``reward/<name>/mean`` and ``/std`` of each part of a combined reward, over all processes."""
+        metrics = {}
+        for name, scores in components.items():
+            x = scores.double().to(self.accelerator.device)
+            s = global_sum(self.accelerator, torch.stack([x.sum(), (x * x).sum(), torch.tensor(
+                float(x.numel()), dtype=torch.float64, device=x.device)])).tolist()
+            mean = s[0] / max(s[2], 1.0)
+            metrics[f"{prefix}/{name}/mean"] = mean
+            metrics[f"{prefix}/{name}/std"] = max(s[1] / max(s[2], 1.0) - mean**2, 0.0) ** 0.5
+        nonfinite = getattr(self.reward_fn, "last_nonfinite", None) or {}
+        if any(nonfinite.values()) or getattr(self.reward_fn, "nonfinite", None) is not None:
+            for name, count in nonfinite.items():
+                metrics[f"{prefix}/{name}/nonfinite"] = global_sum(
+                    self.accelerator, torch.tensor(float(count), device=self.accelerator.device)).item()
+        return metrics
+
     def _clock(self) -> float:  # noqa: D401
         """Wall time after the device's queued work is done, so each phase is charged its own GPU time."""
         if self.accelerator.device.type == "cuda":

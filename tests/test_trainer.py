@@ -61,7 +61,7 @@ def make_trainer(tokenizer, tmp_path, model=None, reward=None, dataset=None, **o
     cfg.update(overrides)
     return PGTrainer(model if model is not None else tiny_gpt2(tokenizer), tokenizer, PGConfig(**cfg),
                      train_dataset=dataset if dataset is not None else [{"prompt": p} for p in PROMPTS],
-                     reward_fn=reward or length_reward)
+                     reward_fn=reward if reward is not None else (None if cfg.get("rewards") else length_reward))
 
 
 class StopAt(TrainerCallback):

@@ -1,11 +1,11 @@
-"""The reward protocol and the checks every reward output passes through before it can reach an update."""
+"""The reward protocol, a small base class for built-ins, and the checks every reward output passes through."""
 
 from __future__ import annotations
 
 import functools
 import math
 import numbers
-from typing import Any, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 import torch
 
@@ -26,6 +26,26 @@ class RewardFunction(Protocol):
     def __call__(self, prompts: list[str], completions: list[str], **columns: Any) -> Sequence[float]: ...
 
 
+class Reward:
+    """Base class of hfpg's built-in rewards: a :class:`RewardFunction` with a ``name`` and optional hooks.
+
+    ``setup(device, gather)`` is called once by the trainer: models move to ``device`` there (never wrapped by DDP);
+    ``gather`` concatenates a tensor over all processes (identity on one process), for statistics that must agree
+    across processes.
+    """
+
+    name: str = "reward"
+
+    def __call__(self, prompts: list[str], completions: list[str], **columns: Any) -> list[float]:
+        raise NotImplementedError
+
+    def setup(self, device: torch.device | str | None = None, gather: Callable | None = None) -> None:
+        """Prepare for scoring on ``device`` (load and move models, remember ``gather``)."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"
+
+
 def reward_name(fn) -> str:
     """A readable name for messages and metric keys: ``name`` attribute, function name or class name."""
     if isinstance(fn, functools.partial):
@@ -34,22 +54,49 @@ def reward_name(fn) -> str:
     return str(name)
 
 
-def compute_scores(
-    fn, prompts: list[str], completions: list[str], columns: dict[str, list], device: torch.device | str = "cpu"
-) -> torch.Tensor:
-    """Call ``fn`` and check its output: one finite number per completion. Returns a (B,) fp32 tensor."""
-    name = reward_name(fn)
-    n = len(completions)
-    try:
-        out = fn(prompts=prompts, completions=completions, **columns)
-    except TypeError as e:
-        if "unexpected keyword argument" in str(e):
+def setup_reward(fn, device=None, gather: Callable | None = None) -> None:
+    """Call ``fn.setup(device, gather)`` when the reward has such a hook (built-ins and CombinedReward do)."""
+    setup = getattr(fn, "setup", None)
+    if callable(setup):
+        setup(device=device, gather=gather)
+
+
+def get_column(columns: dict[str, list], column: str, reward: str, n: int) -> list:
+    """Dataset column ``column`` for the batch's ``n`` rows, as stored; a clear error when it is missing or short."""
+    if column not in columns:
+        raise RewardError(
+            f"reward {reward!r} reads references from the dataset column {column!r}, but the rows have only "
+            f"{sorted(columns)}; add that column or pass references_column=<one of them>"
+        )
+    values = columns[column]
+    if len(values) != n:
+        raise RewardError(f"reward {reward!r}: column {column!r} has {len(values)} values for {n} completions")
+    return list(values)
+
+
+def get_references(columns: dict[str, list], column: str, reward: str, n: int) -> list[list[str]]:
+    """The references of each row as a list of strings (one or several per row) from dataset column ``column``."""
+    values = get_column(columns, column, reward, n)
+    refs = []
+    for i, v in enumerate(values):
+        if isinstance(v, str):
+            refs.append([v])
+        elif isinstance(v, (list, tuple)) and v and all(isinstance(x, str) for x in v):
+            refs.append(list(v))
+        else:
             raise RewardError(
-                f"reward function {name!r} does not accept the keyword arguments it is called with ({e}). "
-                f"Rewards are called as fn(prompts=..., completions=..., **columns) with the dataset's other columns "
-                f"{sorted(columns)}; add **kwargs to its signature."
-            ) from e
-        raise
+                f"reward {reward!r}: row {i} of column {column!r} must be a string or a non-empty list of strings, "
+                f"got {v!r}"
+            )
+    return refs
+
+
+def check_scores(out, name: str, completions: Sequence[str], allow_nonfinite: bool = False) -> torch.Tensor:
+    """Check a reward's output — one real number per completion — and return it as a (B,) fp32 CPU tensor.
+
+    Non-finite values are an error unless ``allow_nonfinite`` (the caller then replaces and counts them).
+    """
+    n = len(completions)
     if isinstance(out, torch.Tensor):
         out = out.detach().float().flatten().cpu().tolist()
     elif hasattr(out, "tolist") and not isinstance(out, (str, bytes)):  # numpy arrays
@@ -71,10 +118,33 @@ def compute_scores(
             f"reward function {name!r} returned a non-numeric value {out[i]!r} ({type(out[i]).__name__}) at row {i} "
             f"of a batch of {n} ({len(bad_type)} such rows); it must return floats"
         )
-    bad = [i for i, v in enumerate(out) if not math.isfinite(float(v))]
-    if bad:
-        raise RewardError(
-            f"reward function {name!r} returned {len(bad)} non-finite value(s) (NaN/inf) in a batch of {n}, "
-            f"first at row {bad[0]} (completion {completions[bad[0]][:60]!r}); no update was made"
-        )
-    return torch.tensor([float(v) for v in out], dtype=torch.float32, device=device)
+    if not allow_nonfinite:
+        bad = [i for i, v in enumerate(out) if not math.isfinite(float(v))]
+        if bad:
+            raise RewardError(
+                f"reward function {name!r} returned {len(bad)} non-finite value(s) (NaN/inf) in a batch of {n}, "
+                f"first at row {bad[0]} (completion {completions[bad[0]][:60]!r}); no update was made"
+            )
+    return torch.tensor([float(v) for v in out], dtype=torch.float32)
+
+
+def call_reward(fn, prompts: list[str], completions: list[str], columns: dict[str, list]):
+    """Call ``fn(prompts=..., completions=..., **columns)``, turning a signature mismatch into a clear error."""
+    try:
+        return fn(prompts=prompts, completions=completions, **columns)
+    except TypeError as e:
+        if "unexpected keyword argument" in str(e) or "required positional argument" in str(e):
+            raise RewardError(
+                f"reward function {reward_name(fn)!r} cannot be called as fn(prompts=..., completions=..., **columns) "
+                f"with the dataset's other columns {sorted(columns)} ({e}); give it the signature "
+                f"(prompts, completions, **kwargs)"
+            ) from e
+        raise
+
+
+def compute_scores(
+    fn, prompts: list[str], completions: list[str], columns: dict[str, list], device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """Call ``fn`` and check its output: one finite number per completion. Returns a (B,) fp32 tensor."""
+    out = call_reward(fn, prompts, completions, columns)
+    return check_scores(out, reward_name(fn), completions).to(device)
