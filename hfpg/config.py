@@ -39,7 +39,17 @@ class PGConfig:
     # --- run --------------------------------------------------------------------------------------------------
     output_dir: str = _f("outputs/hfpg", "Where metrics, TensorBoard logs, checkpoints and the final model go.")
     seed: int = _f(0, "Random seed; process i uses seed + i so processes sample different completions.")
-    algorithm: str = _f("ppo", "Update rule.", choices=("ppo",))
+    algorithm: str = _f("ppo", "Update rule: ppo | reinforce | trpo.", choices=("ppo", "reinforce", "trpo"))
+    advantage_estimator: str = _f(
+        "gae", "gae (critic, GAE(γ, λ)) | returns (discounted Monte-Carlo returns minus a baseline).",
+        choices=("gae", "returns"),
+    )
+    baseline: str = _f(
+        "none", "Baseline for advantage_estimator=returns: none | moving_average | leave_one_out | group_norm | value.",
+        choices=("none", "moving_average", "leave_one_out", "group_norm", "value"),
+    )
+    baseline_ema: float = _f(0.9, "Decay of the moving-average baseline (an EMA of sequence returns).")
+    num_samples_per_prompt: int = _f(1, "Completions sampled per prompt in one batch (k; RLOO/group_norm need >= 2).")
     max_steps: int = _f(100, "Number of rollout -> reward -> update iterations.")
     prompt_column: str = _f("prompt", "Dataset column holding the prompt text; other columns reach the reward.")
 
@@ -78,7 +88,27 @@ class PGConfig:
         None, "Stop the current update early once the policy's approx KL to the rollout exceeds this."
     )
 
+    # --- TRPO -----------------------------------------------------------------------------------------------------
+    max_kl: float = _f(0.01, "TRPO trust region δ: mean per-token KL(old || new) an accepted step may reach.")
+    cg_iters: int = _f(10, "TRPO conjugate-gradient iterations for the natural-gradient direction.")
+    cg_damping: float = _f(0.1, "TRPO damping added to the Fisher-vector product (F + λI) v.")
+    line_search_steps: int = _f(10, "TRPO backtracking line-search tries (step halves each time).")
+    line_search_accept_ratio: float = _f(
+        0.0, "TRPO accepts a step only if its surrogate gain exceeds this fraction of the expected gain (> 0 always)."
+    )
+    value_epochs: int = _f(4, "TRPO: epochs of the value head's own optimizer over each rollout.")
+    value_learning_rate: float = _f(1e-3, "TRPO: learning rate of the value head's own Adam optimizer.")
+
+    # --- experience replay ----------------------------------------------------------------------------------------
+    replay_buffer_size: int = _f(0, "Past sequences kept per process for replay (0 = replay off).")
+    replay_batch_size: int = _f(0, "Replayed sequences added to each update (global; a multiple of mini_batch_size).")
+    replay_is_clip: float = _f(1.0, "Truncate importance weights π/μ of replayed tokens at this value (ρ̄).")
+
     # --- KL penalty to the reference model --------------------------------------------------------------------
+    kl_penalty: str = _f(
+        "reward", "Where KL to the reference goes: reward (per-token penalty) | loss (a loss term, k1/k2/k3).",
+        choices=("reward", "loss"),
+    )
     kl_coef: float = _f(0.05, "Initial β of the per-token penalty -β·KL(policy || reference).")
     kl_estimator: str = _f("k1", "Per-token KL estimator.", choices=("k1", "k2", "k3"))
     adaptive_kl: bool = _f(False, "Adapt β towards kl_target (Ziegler et al. 2019).")
@@ -116,6 +146,7 @@ class PGConfig:
     temperature: float = _f(1.0, "Sampling temperature; also divides the logits of old, new and reference logprobs.")
     top_k: int = _f(0, "Sample from the k most likely tokens (0 = off).")
     top_p: float = _f(1.0, "Nucleus sampling mass (1.0 = off).")
+    min_p: float | None = _f(None, "Drop tokens below min_p × the top token's probability (None = off).")
     stop_token_ids: list[int] | None = _f(
         None, "Token ids that end a completion (None = the tokenizer's EOS). Later tokens become padding."
     )
@@ -178,6 +209,17 @@ class PGConfig:
             p.append(f"report_to={self.report_to!r} must be a list, e.g. [tensorboard] or []")
         if self.stop_token_ids is not None and not all(isinstance(t, int) for t in self.stop_token_ids):
             p.append(f"stop_token_ids={self.stop_token_ids!r} must be a list of integer token ids")
+        if self.min_p is not None and not 0.0 < self.min_p <= 1.0:
+            p.append(f"min_p={self.min_p!r} must lie in (0, 1] or be null")
+        for name in ("num_samples_per_prompt", "max_kl", "cg_iters", "line_search_steps", "value_epochs",
+                     "replay_is_clip"):
+            positive(name)
+        for name in ("cg_damping", "value_learning_rate", "replay_buffer_size", "replay_batch_size",
+                     "line_search_accept_ratio"):
+            positive(name, allow_zero=True)
+        if not 0.0 <= self.baseline_ema < 1.0:
+            p.append(f"baseline_ema={self.baseline_ema!r} must lie in [0, 1)")
+        p.extend(self.algorithm_problems())
         if self.reward_clip is not None and self.reward_clip <= 0:
             p.append(f"reward_clip={self.reward_clip!r} must be > 0 or null")
         from .rewards.registry import spec_problems  # light: imports no reward library
@@ -185,6 +227,29 @@ class PGConfig:
         p.extend(spec_problems(self.rewards))
         p.extend(self.batch_problems(num_processes))
         return p
+
+    def algorithm_problems(self) -> list[str]:
+        """Combinations of algorithm, advantage estimator and baseline that cannot work together."""
+        p = []
+        if self.advantage_estimator == "gae" and self.baseline not in ("none", "value"):
+            p.append(f"baseline={self.baseline!r} applies to advantage_estimator=returns; GAE's baseline is the critic "
+                     f"(set advantage_estimator=returns, or baseline=none)")
+        if self.baseline in ("leave_one_out", "group_norm") and self.num_samples_per_prompt < 2:
+            p.append(f"baseline={self.baseline} compares the k samples of a prompt: set num_samples_per_prompt >= 2 "
+                     f"(now {self.num_samples_per_prompt})")
+        if self.algorithm == "trpo" and self.replay_buffer_size:
+            p.append("replay is for ppo and reinforce; TRPO's trust region is defined around the current policy")
+        if bool(self.replay_buffer_size) != bool(self.replay_batch_size):
+            p.append(f"replay needs both replay_buffer_size and replay_batch_size > 0 (now {self.replay_buffer_size} "
+                     f"and {self.replay_batch_size})")
+        if self.replay_batch_size and self.replay_batch_size > self.replay_buffer_size:
+            p.append(f"replay_batch_size={self.replay_batch_size} exceeds replay_buffer_size={self.replay_buffer_size}")
+        return p
+
+    @property
+    def uses_critic(self) -> bool:
+        """Whether the value head is trained and used (GAE, or returns with a value baseline)."""
+        return self.advantage_estimator == "gae" or self.baseline == "value"
 
     def batch_problems(self, num_processes: int = 1) -> list[str]:
         """Batch sizes must divide: rollout = mini_batch × n_minibatches; mini_batch = processes × accum × micro."""
@@ -203,9 +268,16 @@ class PGConfig:
                 f"mini_batch_size={self.mini_batch_size} must be a multiple of num_processes ({num_processes}) × "
                 f"gradient_accumulation_steps ({self.gradient_accumulation_steps}) = {per_update}"
             )
-        if self.rollout_batch_size % num_processes:
-            p.append(
-                f"rollout_batch_size={self.rollout_batch_size} must be a multiple of num_processes ({num_processes})")
+        k = self.num_samples_per_prompt
+        if k > 0 and self.rollout_batch_size % (num_processes * k):
+            p.append(f"rollout_batch_size={self.rollout_batch_size} must be a multiple of num_processes "
+                     f"({num_processes}) × num_samples_per_prompt ({k}) so each process holds whole groups")
+        if self.replay_batch_size and self.replay_batch_size % self.mini_batch_size:
+            p.append(f"replay_batch_size={self.replay_batch_size} must be a multiple of mini_batch_size="
+                     f"{self.mini_batch_size}")
+        if self.replay_batch_size and k > 1 and self.replay_batch_size % (num_processes * k):
+            p.append(f"replay_batch_size={self.replay_batch_size} must be a multiple of num_processes × "
+                     f"num_samples_per_prompt ({num_processes * k}): whole groups are replayed")
         return p
 
     def check_for(self, num_processes: int) -> None:

@@ -38,6 +38,7 @@ class ValueHeadOutput(ModelOutput):
 
     logits: torch.Tensor | None = None
     values: torch.Tensor | None = None
+    last_hidden_state: torch.Tensor | None = None  # (B, K, H), only when asked for (TRPO's value fitting)
 
 
 class ValueHead(nn.Module):
@@ -114,6 +115,7 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         logits_to_keep: int = 0,
+        return_last_hidden_state: bool = False,
         **kwargs,
     ) -> ValueHeadOutput:
         """input_ids, attention_mask, position_ids: (B, L). ``logits_to_keep=K`` computes logits and values only for
@@ -133,7 +135,8 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
         hidden = out.hidden_states[-1]  # (B, L, H), after the final norm
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
-        return ValueHeadOutput(logits=out.logits, values=self.v_head(hidden))
+        return ValueHeadOutput(logits=out.logits, values=self.v_head(hidden),
+                               last_hidden_state=hidden if return_last_hidden_state else None)
 
     def generate(self, *args, **kwargs):
         """Delegates to the wrapped model's ``generate``."""

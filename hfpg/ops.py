@@ -267,3 +267,56 @@ def approx_kl(logprobs: torch.Tensor, old_logprobs: torch.Tensor) -> torch.Tenso
     """k3 estimate of KL(old || new) per token, ``(r - 1) - log r`` (>= 0, 0 when nothing moved). (B, T) -> (B, T)."""
     log_ratio = logprobs - old_logprobs
     return torch.expm1(log_ratio) - log_ratio
+
+
+def pg_loss(logprobs: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
+    """REINFORCE per-token loss ``-A · log π(a_t)``; its gradient is ``-A ∇log π``. (B, T) -> (B, T)."""
+    return -advantages * logprobs
+
+
+# --------------------------------------------------------------------------------------------------------------
+# critic-free baselines over groups of k samples of the same prompt (rows of one group are contiguous)
+# --------------------------------------------------------------------------------------------------------------
+def leave_one_out_baseline(returns: torch.Tensor, group_size: int) -> torch.Tensor:
+    """RLOO: each sample's baseline is the mean return of the *other* k-1 samples of its prompt.
+
+    returns: (B,) with B = n_groups · k, groups contiguous -> baseline (B,). Needs k >= 2.
+    """
+    if group_size < 2:
+        raise ValueError(f"leave_one_out needs at least 2 samples per prompt, got {group_size}")
+    g = returns.view(-1, group_size)
+    return ((g.sum(1, keepdim=True) - g) / (group_size - 1)).view(-1)
+
+
+def group_normalized(returns: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
+    """GRPO-style advantage: ``(R - mean_group) / (std_group + eps)`` (unbiased std within each prompt's group).
+
+    returns: (B,) with B = n_groups · k, groups contiguous -> (B,). Needs k >= 2.
+    """
+    if group_size < 2:
+        raise ValueError(f"group_norm needs at least 2 samples per prompt, got {group_size}")
+    g = returns.view(-1, group_size)
+    return ((g - g.mean(1, keepdim=True)) / (g.std(1, keepdim=True) + eps)).view(-1)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# conjugate gradient (TRPO's natural-gradient direction)
+# --------------------------------------------------------------------------------------------------------------
+def conjugate_gradient(matvec, b: torch.Tensor, iters: int = 10, residual_tol: float = 1e-10) -> tuple[torch.Tensor,
+                                                                                                    float]:
+    """Solve ``A x = b`` for symmetric positive-definite ``A`` given only ``matvec(v) = A v``. (N,) -> ((N,), |r|²)."""
+    x = torch.zeros_like(b)
+    r = b.clone()
+    p = b.clone()
+    rr = torch.dot(r, r)
+    for _ in range(iters):
+        if rr < residual_tol:
+            break
+        Ap = matvec(p)
+        alpha = rr / torch.dot(p, Ap)
+        x += alpha * p
+        r -= alpha * Ap
+        rr_new = torch.dot(r, r)
+        p = r + (rr_new / rr) * p
+        rr = rr_new
+    return x, float(rr)

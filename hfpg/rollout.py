@@ -31,6 +31,10 @@ class Rollout:
     entropy: torch.Tensor | None = None  # per-token entropy of the sampling policy (temperature-scaled)
     scores: torch.Tensor | None = None  # (B,) sequence scores from the reward function
     components: dict[str, torch.Tensor] = field(default_factory=dict)  # (B,) raw scores of each reward part
+    # experience replay: behaviour-policy logprobs μ, truncated importance weights and age (fresh: logprobs, 1, 0)
+    behaviour_logprobs: torch.Tensor | None = None
+    is_weights: torch.Tensor | None = None
+    staleness: torch.Tensor | None = None
     prompts: list[str] = field(default_factory=list)
     completions: list[str] = field(default_factory=list)
     columns: dict[str, list] = field(default_factory=dict)
@@ -45,6 +49,41 @@ class Rollout:
     @property
     def num_response_tokens(self) -> int:
         return int(self.response_mask.sum())
+
+
+def concat_rollouts(rollouts: list[Rollout], pad_token_id: int) -> Rollout:
+    """Stack rollouts of different lengths: prompts re-padded on the left, responses on the right (masks False).
+
+    Per-token tensors are padded with 0 (logprobs, values, weights); text fields and columns are concatenated.
+    """
+    P = max(r.query_ids.shape[1] for r in rollouts)
+    T = max(r.response_ids.shape[1] for r in rollouts)
+
+    def pad(x: torch.Tensor, width: int, left: bool, value) -> torch.Tensor:
+        extra = width - x.shape[1]
+        if extra == 0:
+            return x
+        filler = torch.full((x.shape[0], extra), value, dtype=x.dtype, device=x.device)
+        return torch.cat([filler, x] if left else [x, filler], dim=1)
+
+    out = {}
+    for name in ("query_ids", "query_mask"):
+        value = pad_token_id if name == "query_ids" else 0
+        out[name] = torch.cat([pad(getattr(r, name), P, True, value) for r in rollouts])
+    for name in ("response_ids", "response_mask", "logprobs", "ref_logprobs", "values", "entropy",
+                 "behaviour_logprobs", "is_weights"):
+        parts = [getattr(r, name) for r in rollouts]
+        if any(x is None for x in parts):
+            out[name] = None
+            continue
+        value = pad_token_id if name == "response_ids" else (False if name == "response_mask" else 0)
+        out[name] = torch.cat([pad(x, T, False, value) for x in parts])
+    for name in ("has_stop", "scores", "staleness"):
+        parts = [getattr(r, name) for r in rollouts]
+        out[name] = None if any(x is None for x in parts) else torch.cat(parts)
+    columns = {k: sum((r.columns.get(k, [None] * r.batch_size) for r in rollouts), []) for k in rollouts[0].columns}
+    return Rollout(**out, prompts=sum((r.prompts for r in rollouts), []),
+                   completions=sum((r.completions for r in rollouts), []), columns=columns)
 
 
 @contextlib.contextmanager
@@ -87,6 +126,7 @@ def build_generation_config(config, tokenizer, stop_token_ids: Sequence[int]) ->
         pad_token_id=tokenizer.pad_token_id,
         repetition_penalty=1.0,
         no_repeat_ngram_size=0,
+        min_p=config.min_p,
         typical_p=1.0,
         num_beams=1,
         num_return_sequences=1,

@@ -23,10 +23,12 @@ from .callbacks import TrainerCallback
 from .config import ConfigError, PGConfig
 from .data import DataError, PromptSampler, as_dataset, check_prompts
 from .kl import build_kl_controller
+from .metrics import component_metrics, step_metrics
 from .modeling import AutoModelForCausalLMWithValueHead, create_reference_model, disable_dropout, reference_context
 from .normalize import RunningMoments
 from .rewards.base import compute_scores, setup_reward
 from .rewards.registry import build_reward
+from .replay import ReplayBuffer, mix_in_replay
 from .rollout import (Rollout, batched, build_generation_config, columns_for, decode_completions, generate_responses,
                       sequence_forward, tokenize_prompts)
 
@@ -110,7 +112,8 @@ class PGTrainer:
             model.gradient_checkpointing_enable()
 
         self.algorithm = build_algorithm(config)
-        self.num_optimizer_steps = config.max_steps * config.ppo_epochs * config.num_mini_batches
+        minibatches = (config.rollout_batch_size + config.replay_batch_size) // config.mini_batch_size
+        self.num_optimizer_steps = config.max_steps * self.algorithm.epochs * minibatches
         optimizer, scheduler = optimizers
         if optimizer is None:
             optimizer = torch.optim.AdamW(
@@ -125,10 +128,14 @@ class PGTrainer:
         self.scheduler = scheduler
         self.kl_ctl = build_kl_controller(config)
         self.score_moments = RunningMoments()
-        self.sampler = PromptSampler(len(self.train_dataset), config.rollout_batch_size, config.seed,
+        prompts_per_step = config.rollout_batch_size // config.num_samples_per_prompt
+        self.sampler = PromptSampler(len(self.train_dataset), prompts_per_step, config.seed,
                                      self.accelerator.process_index, self.accelerator.num_processes)
-        for obj in (self.scheduler, self.kl_ctl, self.score_moments, self.sampler):
-            self.accelerator.register_for_checkpointing(obj)
+        self.replay = (ReplayBuffer(config.replay_buffer_size, config.num_samples_per_prompt)
+                       if config.replay_buffer_size else None)
+        for obj in (self.scheduler, self.kl_ctl, self.score_moments, self.sampler, self.algorithm, self.replay):
+            if obj is not None:
+                self.accelerator.register_for_checkpointing(obj)
         # reward models go to this process's device (never into DDP); running reward statistics are global
         setup_reward(self.reward_fn, device=self.accelerator.device, gather=self._gather_cpu)
         if callable(getattr(self.reward_fn, "state_dict", None)) and callable(getattr(self.reward_fn,
@@ -179,22 +186,31 @@ class PGTrainer:
         return metrics
 
     def step(self) -> dict[str, float]:
-        """One iteration: rollout of a global batch, scores, advantages, update, KL controller."""
+        """One iteration: rollout of a global batch (k samples per prompt), scores, optional replay, advantages,
+        update, KL controller."""
+        cfg = self.config
         t_step = self._clock()
         rows = self.train_dataset[self.sampler.next_local()]
         rows = [dict(zip(rows, vals)) for vals in zip(*rows.values())]
+        rows = [row for row in rows for _ in range(cfg.num_samples_per_prompt)]  # groups are contiguous
         rollout, timings = self.make_rollout(rows)
         scores, score_metrics = self._shape_scores(rollout)
         t0 = self._clock()
+        batch, batch_scores, replay_metrics = self._add_replay(rollout, scores)
         kl_coef = self.kl_ctl.value
-        adv = self.algorithm.compute_advantages(rollout, scores, kl_coef, self.accelerator)
-        update_metrics = self.algorithm.update(self.model, self.optimizer, self.scheduler, self.accelerator, rollout,
-                                               adv["advantages"], adv["returns"])
+        adv = self.algorithm.compute_advantages(batch, batch_scores, kl_coef, self.accelerator)
+        update_metrics = self.algorithm.update(self.model, self.optimizer, self.scheduler, self.accelerator, batch,
+                                               adv["advantages"], adv["returns"], kl_coef)
         timings["time/update"] = self._clock() - t0
-        metrics = self._step_metrics(rollout, adv, scores, kl_coef)
-        self.kl_ctl.update(metrics["objective/kl"], self.config.rollout_batch_size)
+        B, T = rollout.response_ids.shape  # the fresh rows come first in the batch
+        fresh_adv = {k: v[:B, :T] for k, v in adv.items()}
+        metrics = step_metrics(self.accelerator, rollout, fresh_adv, scores, kl_coef)
+        self.kl_ctl.update(metrics["objective/kl"], cfg.rollout_batch_size)
+        if self.replay is not None:
+            self.replay.add(rollout, scores, self.global_step)
         metrics.update(score_metrics)
-        metrics.update(self._component_metrics(rollout.components))
+        metrics.update(replay_metrics)
+        metrics.update(component_metrics(self.accelerator, self.reward_fn, rollout.components))
         metrics.update(update_metrics)
         metrics.update(timings)
         metrics["time/step"] = step_time = self._clock() - t_step
@@ -203,6 +219,16 @@ class PGTrainer:
         metrics["tokens_per_second"] = (tokens[0] + tokens[1]) / step_time
         metrics["time/generated_tokens_per_second"] = tokens[1] / max(timings["time/generate"], 1e-9)
         return metrics
+
+    def _add_replay(self, rollout: Rollout, scores: torch.Tensor) -> tuple[Rollout, torch.Tensor, dict]:
+        """Fresh rollout (+ replayed sequences with recomputed current logprobs/values and truncated IS weights)."""
+        rollout.behaviour_logprobs = rollout.logprobs
+        rollout.is_weights = rollout.response_mask.float()
+        rollout.staleness = torch.zeros(rollout.batch_size, device=self.accelerator.device)
+        if self.replay is None:
+            return rollout, scores, {}
+        return mix_in_replay(self.replay, rollout, scores, self.unwrapped_model, self.config, self.accelerator,
+                             self.tokenizer.pad_token_id, self.global_step)
 
     @torch.no_grad()
     def make_rollout(self, rows: list[dict], with_ref: bool = True) -> tuple[Rollout, dict[str, float]]:
@@ -273,7 +299,8 @@ class PGTrainer:
         mean = total[0] / n
         metrics = {"eval/scores": mean, "eval/scores_std": max(total[1] / n - mean**2, 0.0) ** 0.5,
                    "eval/kl": total[2] / n, "eval/completion_length": total[3] / n, "eval/num_samples": total[4]}
-        metrics.update(self._component_metrics({k: torch.cat(v) for k, v in components.items()}, "eval/reward"))
+        metrics.update(component_metrics(acc, self.reward_fn, {k: torch.cat(v) for k, v in components.items()},
+                                         "eval/reward"))
         self.log(metrics)
         self._callback("on_evaluate", self.global_step, metrics)
         return metrics
@@ -336,23 +363,6 @@ class PGTrainer:
             return x
         return self.accelerator.gather(x.to(self.accelerator.device)).cpu()
 
-    def _component_metrics(self, components: dict[str, torch.Tensor], prefix: str = "reward") -> dict[str, float]:
-        """``reward/<name>/mean`` and ``/std`` of each part of a combined reward, over all processes."""
-        metrics = {}
-        for name, scores in components.items():
-            x = scores.double().to(self.accelerator.device)
-            s = global_sum(self.accelerator, torch.stack([x.sum(), (x * x).sum(), torch.tensor(
-                float(x.numel()), dtype=torch.float64, device=x.device)])).tolist()
-            mean = s[0] / max(s[2], 1.0)
-            metrics[f"{prefix}/{name}/mean"] = mean
-            metrics[f"{prefix}/{name}/std"] = max(s[1] / max(s[2], 1.0) - mean**2, 0.0) ** 0.5
-        nonfinite = getattr(self.reward_fn, "last_nonfinite", None) or {}
-        if any(nonfinite.values()) or getattr(self.reward_fn, "nonfinite", None) is not None:
-            for name, count in nonfinite.items():
-                metrics[f"{prefix}/{name}/nonfinite"] = global_sum(
-                    self.accelerator, torch.tensor(float(count), device=self.accelerator.device)).item()
-        return metrics
-
     def _clock(self) -> float:  # noqa: D401
         """Wall time after the device's queued work is done, so each phase is charged its own GPU time."""
         if self.accelerator.device.type == "cuda":
@@ -377,31 +387,6 @@ class PGTrainer:
         if cfg.score_clip is not None:
             scores = scores.clamp(-cfg.score_clip, cfg.score_clip)
         return scores, {}
-
-    def _step_metrics(self, r: Rollout, adv: dict, scores: torch.Tensor, kl_coef: float) -> dict[str, float]:
-        mask = r.response_mask
-        seq_kl = ops.masked_sum(adv["kl"], mask, 1)  # (B,) nats per sequence
-        seq_non_score = ops.masked_sum(adv["non_score_rewards"], mask, 1)
-        per_seq = torch.stack([r.scores, scores, seq_kl, seq_non_score, scores + seq_non_score,
-                               mask.sum(1).float(), (~r.has_stop).float()], 1)  # (B, 7)
-        n_seq = r.batch_size
-        sums = torch.cat([per_seq.sum(0), torch.tensor([n_seq], device=per_seq.device, dtype=per_seq.dtype),
-                          ops.masked_sum(r.entropy, mask).reshape(1), mask.sum().reshape(1).float(),
-                          ops.masked_sum(r.values, mask).reshape(1)])
-        tok_stats = torch.stack([ops.masked_sum(x, mask) for x in
-                                 (adv["returns"], adv["returns"] ** 2, adv["returns"] - r.values,
-                                  (adv["returns"] - r.values) ** 2)])
-        s = global_sum(self.accelerator, torch.cat([sums.double(), tok_stats.double()])).tolist()
-        N, ntok = s[7], max(s[9], 1.0)
-        ret_var = s[12] / ntok - (s[11] / ntok) ** 2
-        res_var = s[14] / ntok - (s[13] / ntok) ** 2
-        return {
-            "objective/scores": s[0] / N, "objective/scores_shaped": s[1] / N, "objective/kl": s[2] / N,
-            "objective/non_score_reward": s[3] / N, "objective/rlhf_reward": s[4] / N, "objective/kl_coef": kl_coef,
-            "completions/mean_length": s[5] / N, "completions/no_stop_fraction": s[6] / N,
-            "policy/entropy": s[8] / ntok, "value/mean": s[10] / ntok,
-            "value/explained_variance": 1.0 - res_var / ret_var if ret_var > 0 else float("nan"),
-        }
 
     def _init_trackers(self) -> None:
         if self._trackers_ready or not self.config.report_to:

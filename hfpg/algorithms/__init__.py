@@ -1,8 +1,9 @@
 """Update rules. Each is a small object with ``compute_advantages`` and ``update``; the trainer loop is shared."""
 
-from .ppo import PPO
+from .ppo import PPO, REINFORCE, MinibatchPolicyGradient
+from .trpo import TRPO
 
-ALGORITHMS = {"ppo": PPO}
+ALGORITHMS = {"ppo": PPO, "reinforce": REINFORCE, "trpo": TRPO}
 
 
 def build_algorithm(config):
@@ -13,4 +14,4 @@ def build_algorithm(config):
         raise ValueError(f"unknown algorithm {config.algorithm!r}; choose one of {sorted(ALGORITHMS)}") from None
 
 
-__all__ = ["ALGORITHMS", "PPO", "build_algorithm"]
+__all__ = ["ALGORITHMS", "PPO", "REINFORCE", "TRPO", "MinibatchPolicyGradient", "build_algorithm"]

@@ -1,9 +1,10 @@
-"""PPO (Schulman et al. 2017) for language models: KL-shaped per-token rewards, GAE, clipped surrogate and value loss.
+"""PPO (Schulman et al. 2017) and REINFORCE (Williams 1992): one minibatch loop, two per-token losses.
 
-The update runs ``ppo_epochs`` passes over the rollout; each pass draws a fresh permutation and cuts it into
+The update runs ``epochs`` passes over the rollout; each pass draws a fresh permutation and cuts it into
 minibatches, each minibatch into ``gradient_accumulation_steps`` micro-batches. Token losses are summed and divided
 by the number of real tokens in the *global* minibatch, so the update does not depend on how the minibatch is split
-into micro-batches or processes.
+into micro-batches or processes. Shared terms — value loss, entropy bonus, KL-to-reference as a loss, importance
+weights of replayed samples — live here once.
 """
 
 from __future__ import annotations
@@ -14,49 +15,54 @@ import torch
 
 from .. import ops
 from ..rollout import sequence_forward
-from .common import MetricSums, global_sum, global_whiten
+from .advantages import MovingAverageBaseline, compute_advantages
+from .common import MetricSums, global_sum
 
 
-class PPO:
-    """The PPO update rule. Stateless between steps; everything it needs arrives as arguments."""
+class MinibatchPolicyGradient:
+    """The shared update loop. Subclasses give ``policy_loss`` and ``epochs``."""
 
-    name = "ppo"
-    uses_value_head = True
+    name = "pg"
 
     def __init__(self, config):
         self.config = config
+        self.moving_average = MovingAverageBaseline(config.baseline_ema)
 
-    # ---- advantages ---------------------------------------------------------------------------------------------
-    @torch.no_grad()
+    @property
+    def epochs(self) -> int:
+        return 1
+
+    def state_dict(self) -> dict:
+        return {"moving_average": self.moving_average.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.moving_average.load_state_dict(state["moving_average"])
+
     def compute_advantages(self, rollout, scores: torch.Tensor, kl_coef: float, accelerator=None) -> dict:
-        """KL-shaped per-token rewards -> GAE. scores: (B,) shaped sequence scores. Returns (B, T) tensors."""
-        cfg = self.config
-        mask = rollout.response_mask
-        kl = torch.where(mask, ops.kl_per_token(rollout.logprobs, rollout.ref_logprobs, cfg.kl_estimator), 0.0)
-        rewards, non_score = ops.token_level_rewards(scores, kl, kl_coef, mask)
-        if cfg.whiten_rewards:
-            rewards = global_whiten(accelerator, rewards, mask, shift_mean=False)
-        advantages, returns = ops.gae_advantages(rewards, rollout.values, mask, cfg.gamma, cfg.lam)
-        if cfg.whiten_advantages:
-            advantages = global_whiten(accelerator, advantages, mask, shift_mean=True)
-        return {"kl": kl, "rewards": rewards, "non_score_rewards": non_score, "advantages": advantages,
-                "returns": returns}
+        return compute_advantages(rollout, scores, kl_coef, self.config, accelerator, self.moving_average)
 
-    # ---- update ---------------------------------------------------------------------------------------------------
+    def policy_loss(self, new_logprobs, rollout, idx, advantages, weights):
+        """Per-token policy loss (B, T) and a dict of (B, T) statistics to average."""
+        raise NotImplementedError
+
+    def value_loss(self, new_values, rollout, idx, returns):
+        """Per-token value loss (B, T) and its clipped flags (or None)."""
+        return 0.5 * (new_values - returns[idx]) ** 2, None
+
+    # ---- the loop ---------------------------------------------------------------------------------------------------
     def update(self, model, optimizer, scheduler, accelerator, rollout, advantages: torch.Tensor,
-               returns: torch.Tensor) -> dict[str, float]:
-        """``ppo_epochs`` × minibatches of clipped-surrogate + value-loss steps. Returns global mean metrics."""
+               returns: torch.Tensor, kl_coef: float = 0.0) -> dict[str, float]:
+        """``epochs`` × minibatches of optimizer steps. Returns global mean metrics."""
         cfg = self.config
         P = accelerator.num_processes
         B = rollout.batch_size
         mb_size = cfg.mini_batch_size // P  # this process's share of a minibatch
         micro = mb_size // cfg.gradient_accumulation_steps
         b_mask = rollout.response_mask
-        entropy_needs_grad = cfg.ent_coef > 0
         stats = MetricSums()
         early_stopped, epochs_done, n_updates = False, 0, 0
         model.train()
-        for _epoch in range(cfg.ppo_epochs):
+        for _epoch in range(self.epochs):
             perm = torch.randperm(B, device=b_mask.device)  # fresh permutation every epoch
             for mb_start in range(0, B, mb_size):
                 mb_idx = perm[mb_start : mb_start + mb_size]
@@ -69,8 +75,8 @@ class PPO:
                     last = k == cfg.gradient_accumulation_steps - 1
                     sync = contextlib.nullcontext() if last else accelerator.no_sync(model)
                     with sync:
-                        self._micro_step(model, accelerator, rollout, advantages, returns, idx, normaliser,
-                                         entropy_needs_grad, stats, mb_kl)
+                        self._micro_step(model, accelerator, rollout, advantages, returns, idx, normaliser, kl_coef,
+                                         stats, mb_kl)
                 if cfg.max_grad_norm is not None:
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
                     stats.add("policy/grad_norm", float(grad_norm), 1.0 / P)  # same on every process
@@ -91,30 +97,70 @@ class PPO:
                         "policy/optimizer_steps": float(n_updates), "lr": scheduler.get_last_lr()[0]})
         return metrics
 
-    def _micro_step(self, model, accelerator, rollout, advantages, returns, idx, normaliser, entropy_needs_grad,
+    def _micro_step(self, model, accelerator, rollout, advantages, returns, idx, normaliser, kl_coef,
                     stats: MetricSums, mb_kl: MetricSums) -> None:
         cfg = self.config
         mask = rollout.response_mask[idx]
+        need_entropy = cfg.ent_coef > 0
         out = sequence_forward(
             model, rollout.query_ids[idx], rollout.query_mask[idx], rollout.response_ids[idx], mask,
-            temperature=cfg.temperature, with_values=True, with_entropy=entropy_needs_grad,
+            temperature=cfg.temperature, with_values=cfg.uses_critic, with_entropy=need_entropy,
         )
-        old_logprobs, adv = rollout.logprobs[idx], advantages[idx]
-        pg_tok, clipped, ratio = ops.ppo_policy_loss(out["logprobs"], old_logprobs, adv, cfg.clip_range)
-        vf_tok, v_clipped = ops.clipped_value_loss(out["values"], rollout.values[idx], returns[idx],
-                                                   cfg.clip_range_value)
-        loss_tok = pg_tok + cfg.vf_coef * vf_tok
-        if entropy_needs_grad:  # entropy bonus; otherwise policy/entropy is measured once, during the rollout
+        weights = rollout.is_weights[idx] if rollout.is_weights is not None else torch.ones_like(out["logprobs"])
+        loss_tok, pstats = self.policy_loss(out["logprobs"], rollout, idx, advantages, weights)
+        if cfg.uses_critic:
+            vf_tok, v_clipped = self.value_loss(out["values"], rollout, idx, returns)
+            loss_tok = loss_tok + cfg.vf_coef * vf_tok
+            pstats["loss/value"] = vf_tok.detach()
+            if v_clipped is not None:
+                pstats["value/clipfrac"] = v_clipped.float()
+        if need_entropy:  # entropy bonus; otherwise policy/entropy is measured once, during the rollout
             loss_tok = loss_tok - cfg.ent_coef * out["entropy"]
+        if cfg.kl_penalty == "loss":  # KL to the reference as a loss term, with gradient through log π
+            kl_tok = ops.kl_per_token(out["logprobs"], rollout.ref_logprobs[idx], cfg.kl_estimator)
+            loss_tok = loss_tok + kl_coef * kl_tok
+            pstats["loss/kl"] = kl_tok.detach()
         loss = ops.masked_sum(loss_tok, mask) / normaliser
         accelerator.backward(loss)
         with torch.no_grad():
             n = mask.sum().float()
-            akl = ops.approx_kl(out["logprobs"].detach(), old_logprobs)
-            stats.add("loss/policy", ops.masked_sum(pg_tok.detach(), mask), n)
-            stats.add("loss/value", ops.masked_sum(vf_tok.detach(), mask), n)
+            akl = ops.approx_kl(out["logprobs"].detach(), rollout.logprobs[idx])
             stats.add("policy/approxkl", ops.masked_sum(akl, mask), n)
-            stats.add("policy/clipfrac", ops.masked_sum(clipped.float(), mask), n)
-            stats.add("value/clipfrac", ops.masked_sum(v_clipped.float(), mask), n)
-            stats.add("policy/ratio", ops.masked_sum(ratio.detach(), mask), n)
+            for name, value in pstats.items():
+                stats.add(name, ops.masked_sum(value, mask), n)
             mb_kl.add("kl", ops.masked_sum(akl, mask), n)
+
+
+class PPO(MinibatchPolicyGradient):
+    """Clipped surrogate ``max(-A·r, -A·clip(r, 1±ε))`` and clipped value loss, over ``ppo_epochs`` passes."""
+
+    name = "ppo"
+
+    @property
+    def epochs(self) -> int:
+        return self.config.ppo_epochs
+
+    def policy_loss(self, new_logprobs, rollout, idx, advantages, weights):
+        pg_tok, clipped, ratio = ops.ppo_policy_loss(new_logprobs, rollout.logprobs[idx], advantages[idx],
+                                                     self.config.clip_range)
+        pg_tok = weights * pg_tok  # truncated importance weights: 1 for fresh samples
+        return pg_tok, {"loss/policy": pg_tok.detach(), "policy/clipfrac": clipped.float(),
+                        "policy/ratio": ratio.detach()}
+
+    def value_loss(self, new_values, rollout, idx, returns):
+        return ops.clipped_value_loss(new_values, rollout.values[idx], returns[idx], self.config.clip_range_value)
+
+
+class REINFORCE(MinibatchPolicyGradient):
+    """``-w·A·log π`` (w: truncated importance weight, 1 when on-policy), one pass over the rollout.
+
+    With a value baseline the critic is trained with ``½(V - G)²``. ``ppo_epochs`` does not apply: a second pass
+    would be off-policy, which plain REINFORCE does not correct for.
+    """
+
+    name = "reinforce"
+
+    def policy_loss(self, new_logprobs, rollout, idx, advantages, weights):
+        pg_tok = weights * ops.pg_loss(new_logprobs, advantages[idx])
+        ratio = torch.exp(new_logprobs.detach() - rollout.logprobs[idx])
+        return pg_tok, {"loss/policy": pg_tok.detach(), "policy/ratio": ratio}

@@ -1,0 +1,212 @@
+"""TRPO (Schulman et al. 2015) for language models: a natural-gradient step inside a KL trust region.
+
+1. g = ∇ L(θ) at θ_old, with the surrogate L = mean_tokens(w · r · A) (+ entropy bonus, − β·KL-to-reference loss);
+2. s ≈ F⁻¹ g by conjugate gradient, where F v is the Hessian-vector product of the mean per-token
+   KL(π_old ‖ π_θ) over the rollout's response tokens (full next-token distributions), damped: (F + λI) v;
+3. the step s · sqrt(2δ / sᵀFs) is halved until the exact mean KL is ≤ δ (``max_kl``) and the surrogate improved;
+   if no try passes, the weights are left exactly as they were;
+4. the value head is fitted by its own Adam optimizer on the rollout's returns (the trunk is not touched).
+
+Only trainable parameters move (all of them, or just the PEFT adapters). Gradients, Fisher-vector products, KL and
+surrogate values are summed over processes, so every process takes the same step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import ops
+from ..rollout import _call_lm
+from .common import global_sum
+from .ppo import MinibatchPolicyGradient
+
+
+class TRPO(MinibatchPolicyGradient):
+    name = "trpo"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.value_optimizer: torch.optim.Optimizer | None = None
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state["value_optimizer"] = self.value_optimizer.state_dict() if self.value_optimizer else None
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self._pending_value_state = state.get("value_optimizer")
+
+    # ---- forward pieces -------------------------------------------------------------------------------------------
+    def _micro_batches(self, rollout, accelerator):
+        size = max(self.config.mini_batch_size // accelerator.num_processes // self.config.gradient_accumulation_steps,
+                   1)
+        return [torch.arange(s, min(s + size, rollout.batch_size), device=rollout.response_mask.device)
+                for s in range(0, rollout.batch_size, size)]
+
+    def _log_dist(self, policy, rollout, idx) -> torch.Tensor:
+        """Temperature-scaled log-softmax over the vocabulary at each response position: (b, T, V) fp32."""
+        q, qm = rollout.query_ids[idx], rollout.query_mask[idx]
+        r, rm = rollout.response_ids[idx], rollout.response_mask[idx]
+        ids = torch.cat([q, r], 1)
+        att = torch.cat([qm.long(), rm.long()], 1)
+        T = r.shape[1]
+        logits = _call_lm(policy, ids, att, ops.position_ids_from_attention_mask(att), keep=T + 1).logits
+        return torch.log_softmax(logits[:, -(T + 1) : -1].float() / self.config.temperature, dim=-1)
+
+    def _surrogate(self, log_dist, rollout, idx, advantages, kl_coef) -> torch.Tensor:
+        """Σ over this micro-batch's real tokens of w·r·A (+ bonuses); divided by the global token count later."""
+        cfg = self.config
+        mask = rollout.response_mask[idx]
+        logprobs = log_dist.gather(-1, rollout.response_ids[idx].unsqueeze(-1)).squeeze(-1)
+        ratio = torch.exp(logprobs - rollout.logprobs[idx])
+        weights = rollout.is_weights[idx] if rollout.is_weights is not None else 1.0
+        objective = weights * ratio * advantages[idx]
+        if cfg.ent_coef > 0:
+            objective = objective + cfg.ent_coef * -(log_dist.exp() * log_dist).sum(-1)
+        if cfg.kl_penalty == "loss":
+            objective = objective - kl_coef * ops.kl_per_token(logprobs, rollout.ref_logprobs[idx], cfg.kl_estimator)
+        return ops.masked_sum(objective, mask)
+
+    @staticmethod
+    def _kl_sum(old_log_dist, new_log_dist, mask) -> torch.Tensor:
+        """Σ over real tokens of KL(π_old ‖ π_new) between full next-token distributions."""
+        kl = (old_log_dist.exp() * (old_log_dist - new_log_dist)).sum(-1)
+        return ops.masked_sum(kl, mask)
+
+    # ---- the update -------------------------------------------------------------------------------------------------
+    def update(self, model, optimizer, scheduler, accelerator, rollout, advantages: torch.Tensor,
+               returns: torch.Tensor, kl_coef: float = 0.0) -> dict[str, float]:
+        cfg = self.config
+        policy = accelerator.unwrap_model(model)  # plain forwards: every reduction below is explicit
+        policy.train()
+        lm = policy.pretrained_model
+        names, params = zip(*[(n, p) for n, p in policy.named_parameters()
+                              if p.requires_grad and not n.startswith("v_head.")])
+        device = rollout.response_mask.device
+        micro = self._micro_batches(rollout, accelerator)
+        n_tok = global_sum(accelerator, rollout.response_mask.sum().double()).clamp(min=1.0)
+        reduce = lambda x: global_sum(accelerator, x)  # noqa: E731
+
+        # old distributions (no grad) and the policy gradient g at θ_old
+        old = []
+        g = torch.zeros(sum(p.numel() for p in params), dtype=torch.float32, device=device)
+        surrogate_old = torch.zeros((), dtype=torch.float64, device=device)
+        for idx in micro:
+            log_dist = self._log_dist(lm, rollout, idx)
+            old.append(log_dist.detach())
+            sur = self._surrogate(log_dist, rollout, idx, advantages, kl_coef)
+            surrogate_old += sur.detach().double()
+            grads = torch.autograd.grad(sur / n_tok.float(), params, allow_unused=True)
+            g += _flat(grads, params)
+        g = reduce(g)
+        surrogate_old = reduce(surrogate_old) / n_tok
+
+        def fvp(v: torch.Tensor) -> torch.Tensor:
+            """(F + λI) v: double backward through the KL, on the math attention kernel (fused ones lack it)."""
+            out = torch.zeros_like(v)
+            with _math_attention():
+                for idx, old_dist in zip(micro, old):
+                    new_dist = self._log_dist(lm, rollout, idx)
+                    kl = self._kl_sum(old_dist, new_dist, rollout.response_mask[idx]) / n_tok
+                    grads = torch.autograd.grad(kl.float(), params, create_graph=True, allow_unused=True)
+                    grad_v = (_flat(grads, params) * v).sum()
+                    out += _flat(torch.autograd.grad(grad_v, params, allow_unused=True), params)
+            return reduce(out) + cfg.cg_damping * v
+
+        metrics: dict[str, float] = {"policy/grad_norm": float(g.norm())}
+        theta_old = torch.cat([p.detach().flatten() for p in params])
+        accepted, kl_new, gain, tries, frac = False, 0.0, 0.0, 0, 0.0
+        if float(g.norm()) > 0:
+            step_dir, residual = ops.conjugate_gradient(fvp, g, cfg.cg_iters)
+            shs = float(torch.dot(step_dir, fvp(step_dir)))
+            full_step = step_dir * math.sqrt(2 * cfg.max_kl / max(shs, 1e-12))
+            expected = float(torch.dot(g, full_step))
+            metrics.update({"trpo/cg_residual": residual, "trpo/expected_gain": expected})
+            for tries in range(1, cfg.line_search_steps + 1):
+                frac = 0.5 ** (tries - 1)
+                _assign(params, theta_old + frac * full_step)
+                kl_new, gain = self._evaluate(lm, rollout, micro, old, advantages, kl_coef, n_tok, surrogate_old,
+                                              reduce)
+                if kl_new <= cfg.max_kl and gain > 0 and gain >= cfg.line_search_accept_ratio * frac * expected:
+                    accepted = True
+                    break
+            if not accepted:
+                _assign(params, theta_old)  # a rejected search leaves the policy exactly as it was
+        metrics.update({"trpo/accepted": float(accepted), "trpo/kl": kl_new if accepted else 0.0,
+                        "trpo/surrogate_gain": gain if accepted else 0.0, "trpo/line_search_tries": float(tries),
+                        "trpo/step_fraction": frac if accepted else 0.0, "policy/approxkl": kl_new if accepted else 0.0,
+                        "loss/policy": -float(surrogate_old)})
+        if cfg.uses_critic:
+            metrics.update(self._fit_value_head(policy, rollout, returns, accelerator))
+        return metrics
+
+    @torch.no_grad()
+    def _evaluate(self, lm, rollout, micro, old, advantages, kl_coef, n_tok, surrogate_old, reduce):
+        kl = torch.zeros((), dtype=torch.float64, device=n_tok.device)
+        sur = torch.zeros((), dtype=torch.float64, device=n_tok.device)
+        for idx, old_dist in zip(micro, old):
+            new_dist = self._log_dist(lm, rollout, idx)
+            kl += self._kl_sum(old_dist, new_dist, rollout.response_mask[idx]).double()
+            sur += self._surrogate(new_dist, rollout, idx, advantages, kl_coef).double()
+        kl, sur = reduce(kl) / n_tok, reduce(sur) / n_tok
+        return float(kl), float(sur - surrogate_old)
+
+    def _fit_value_head(self, policy, rollout, returns, accelerator) -> dict[str, float]:
+        """Fit only the value head on the returns, with its own Adam (the trunk's hidden states are fixed)."""
+        cfg = self.config
+        if self.value_optimizer is None:
+            self.value_optimizer = torch.optim.Adam(policy.v_head.parameters(), lr=cfg.value_learning_rate)
+            pending = getattr(self, "_pending_value_state", None)
+            if pending:
+                self.value_optimizer.load_state_dict(pending)
+        hidden = []
+        with torch.no_grad():
+            for idx in self._micro_batches(rollout, accelerator):
+                q, qm = rollout.query_ids[idx], rollout.query_mask[idx]
+                r, rm = rollout.response_ids[idx], rollout.response_mask[idx]
+                ids, att = torch.cat([q, r], 1), torch.cat([qm.long(), rm.long()], 1)
+                T = r.shape[1]
+                out = policy(ids, attention_mask=att, position_ids=ops.position_ids_from_attention_mask(att),
+                             logits_to_keep=T + 1, return_last_hidden_state=True)
+                hidden.append(out.last_hidden_state[:, -(T + 1) : -1])
+        hidden = torch.cat(hidden)  # (B, T, H)
+        mask = rollout.response_mask
+        n_tok = global_sum(accelerator, mask.sum().float()).clamp(min=1.0)
+        first = last = None
+        for _ in range(cfg.value_epochs):
+            values = policy.v_head(hidden)
+            loss = ops.masked_sum(0.5 * (values - returns) ** 2, mask) / n_tok
+            self.value_optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            for p in policy.v_head.parameters():  # average over processes by hand (no DDP here)
+                if p.grad is not None:
+                    p.grad = global_sum(accelerator, p.grad)
+            self.value_optimizer.step()
+            last = float(global_sum(accelerator, loss.detach()))  # local sum / global tokens -> summed: global mean
+            first = last if first is None else first
+        return {"loss/value": first, "value/loss_after_fit": last}
+
+
+def _math_attention():
+    """Scaled-dot-product attention on the math backend, which (unlike flash/efficient kernels) supports the double
+    backward of Fisher-vector products."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH])
+
+
+def _flat(grads, params) -> torch.Tensor:
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).float()
+                      for g, p in zip(grads, params)])
+
+
+@torch.no_grad()
+def _assign(params, flat: torch.Tensor) -> None:
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.copy_(flat[offset : offset + n].view_as(p).to(p.dtype))
+        offset += n

@@ -1,0 +1,102 @@
+"""Experience replay: a bounded FIFO of past (scored) rollouts with their behaviour-policy logprobs.
+
+Replayed sequences join each update next to the fresh ones. Their ratio/advantages use the *current* policy's
+logprobs (recomputed before the update), and each token's loss is weighted by the truncated importance weight
+``w = min(π_current / μ, ρ̄)`` (μ: the policy that generated it) — the identity for data with zero staleness.
+Groups of ``num_samples_per_prompt`` sequences are kept and sampled whole, so group baselines still apply.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import torch
+
+from . import ops
+from .algorithms.common import global_sum
+from .rollout import Rollout, batched, concat_rollouts, sequence_forward
+
+_KEEP = ("query_ids", "query_mask", "response_ids", "response_mask", "has_stop", "ref_logprobs",
+         "behaviour_logprobs")
+
+
+class ReplayBuffer:
+    """Holds at most ``capacity`` sequences (in whole groups of ``group_size``) on the CPU; oldest leave first."""
+
+    def __init__(self, capacity: int, group_size: int = 1):
+        self.capacity, self.group_size = capacity, group_size
+        self.groups: deque[dict] = deque()
+
+    def __len__(self) -> int:
+        return len(self.groups) * self.group_size
+
+    def add(self, rollout: Rollout, shaped_scores: torch.Tensor, step: int) -> None:
+        """Store a fresh rollout (its ``logprobs`` become μ) with the scores that entered its update."""
+        k = self.group_size
+        for start in range(0, rollout.batch_size, k):
+            sl = slice(start, start + k)
+            group = {name: getattr(rollout, name)[sl].detach().cpu() for name in _KEEP if name != "behaviour_logprobs"}
+            group["behaviour_logprobs"] = rollout.logprobs[sl].detach().cpu()
+            group["scores"] = shaped_scores[sl].detach().cpu()
+            group["step"] = step
+            self.groups.append(group)
+        while len(self) > self.capacity:
+            self.groups.popleft()
+
+    def sample(self, n_sequences: int, step: int, pad_token_id: int, device) -> Rollout:
+        """``n_sequences`` (whole groups, drawn uniformly without replacement) as one Rollout on ``device``.
+
+        ``scores`` holds the stored shaped scores and ``staleness`` the number of steps since generation.
+        """
+        n_groups = n_sequences // self.group_size
+        if n_groups > len(self.groups):
+            raise ValueError(f"the replay buffer holds {len(self)} sequences, {n_sequences} were asked for")
+        picks = torch.randperm(len(self.groups))[:n_groups].tolist()
+        parts = []
+        for i in picks:
+            g = self.groups[i]
+            r = Rollout(**{name: g[name].to(device) for name in _KEEP}, scores=g["scores"].to(device))
+            r.staleness = torch.full((self.group_size,), step - g["step"], device=device)
+            parts.append(r)
+        return concat_rollouts(parts, pad_token_id)
+
+    def state_dict(self) -> dict:
+        return {"capacity": self.capacity, "group_size": self.group_size, "groups": list(self.groups)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.capacity, self.group_size = state["capacity"], state["group_size"]
+        self.groups = deque(state["groups"])
+
+
+@torch.no_grad()
+def mix_in_replay(buffer: ReplayBuffer, rollout: Rollout, scores: torch.Tensor, policy, config, accelerator,
+                  pad_token_id: int, step: int) -> tuple[Rollout, torch.Tensor, dict[str, float]]:
+    """Append ``replay_batch_size / processes`` replayed sequences to the fresh rollout.
+
+    Their ``logprobs``/``values`` are recomputed under the current policy (the "old" policy of this update) and each
+    token gets ``w = min(π_current / μ, replay_is_clip)``. Returns (batch, scores, replay/* metrics); the batch is the
+    fresh rollout alone until every process's buffer holds enough sequences (all processes decide together).
+    """
+    n_local = config.replay_batch_size // accelerator.num_processes
+    ready = global_sum(accelerator, torch.tensor(float(len(buffer) >= n_local), device=accelerator.device))
+    if ready < accelerator.num_processes:
+        return rollout, scores, {"replay/ratio": 0.0}
+    old = buffer.sample(n_local, step, pad_token_id, accelerator.device)
+    policy.eval()
+    seqs = dict(query_ids=old.query_ids, query_mask=old.query_mask, response_ids=old.response_ids,
+                response_mask=old.response_mask)
+    with accelerator.autocast():
+        out = batched(lambda **kw: sequence_forward(policy, **kw, temperature=config.temperature, with_values=True,
+                                                    with_entropy=True), config.forward_batch_size, n_local, **seqs)
+    old.logprobs, old.values, old.entropy = out["logprobs"], out["values"], out["entropy"]
+    mask = old.response_mask
+    raw = torch.exp(old.logprobs - old.behaviour_logprobs)
+    old.is_weights = torch.where(mask, raw.clamp(max=config.replay_is_clip), 0.0)
+    batch = concat_rollouts([rollout, old], pad_token_id)
+    s = global_sum(accelerator, torch.stack([
+        old.staleness.float().sum(), torch.tensor(float(n_local), device=accelerator.device),
+        ops.masked_sum(old.is_weights, mask), ops.masked_sum((raw > config.replay_is_clip).float(), mask),
+        mask.sum().float()]).double()).tolist()
+    return batch, torch.cat([scores, old.scores]), {
+        "replay/ratio": s[1] / (s[1] + config.rollout_batch_size), "replay/staleness": s[0] / s[1],
+        "replay/is_weight": s[2] / max(s[4], 1.0), "replay/truncated_fraction": s[3] / max(s[4], 1.0)}
