@@ -1,13 +1,70 @@
-"""The ``hfpg`` command. ``hfpg config`` shows and validates training configs; training recipes arrive with
-``hfpg train`` (issue 5)."""
+"""The ``hfpg`` command: ``train`` a recipe, ``eval`` a policy, list ``recipes``, inspect ``config`` keys."""
 
 from __future__ import annotations
 
 import argparse
+import glob
+import json
+import os
 import sys
 
 from . import __version__
 from .config import ConfigError, PGConfig
+
+
+def recipe_dirs() -> list[str]:
+    """Where shipped recipe configs are looked up: ./recipes/configs, then the repository this hfpg came from."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    dirs = [os.path.join("recipes", "configs"), os.path.join(os.path.dirname(here), "recipes", "configs")]
+    return [d for i, d in enumerate(dirs) if os.path.isdir(d) and os.path.abspath(d) not in map(
+        os.path.abspath, dirs[:i])]
+
+
+def _describe(path: str) -> str:
+    """The first comment line of a recipe config."""
+    with open(path) as f:
+        for line in f:
+            if line.startswith("#"):
+                return line.lstrip("# ").strip()
+    return ""
+
+
+def _recipes(args) -> int:
+    found = sorted({os.path.abspath(p) for d in recipe_dirs() for p in glob.glob(os.path.join(d, "*.yaml"))})
+    if not found:
+        print("no recipes found (run from a clone of the hfpg repository)", file=sys.stderr)
+        return 1
+    for path in found:
+        print(f"{os.path.relpath(path):60s} {_describe(path)}")
+    return 0
+
+
+def _train(args) -> int:
+    from .recipe import load_recipe
+    from .runner import train_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    paths = train_recipe(recipe)
+    print("\nhfpg: run finished")
+    for name, path in paths.items():
+        print(f"  {name:8s} {path}")
+    return 0
+
+
+def _eval(args) -> int:
+    from .recipe import load_prompts, load_recipe, load_tokenizer_and_model
+    from .trainer import PGTrainer
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.model:
+        recipe.model.name_or_path, recipe.model.gguf_file, recipe.model.peft = args.model, None, None
+    tokenizer, model, ref = load_tokenizer_and_model(recipe.model)
+    train, evals = load_prompts(recipe.data, tokenizer, recipe.base_dir, recipe.training.seed)
+    recipe.training.report_to = []
+    trainer = PGTrainer(model, tokenizer, recipe.training, train_dataset=train, eval_dataset=evals, ref_model=ref)
+    metrics = trainer.evaluate(evals if evals is not None else train)
+    print(json.dumps(metrics, indent=2))
+    return 0
 
 
 def _config(args) -> int:
@@ -26,6 +83,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hfpg", description="Policy-gradient RL for Hugging Face causal LMs.")
     parser.add_argument("--version", action="version", version=f"hfpg {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("train", help="run a recipe (YAML) with key=value overrides",
+                       description="Train with a recipe: evaluate on held-out prompts, train, evaluate again, and "
+                                   "write the run directory (config, metrics, TensorBoard, samples, final model, "
+                                   "reward/KL plot, report.md). Overrides use dotted keys: model.name_or_path=..., "
+                                   "data.max_train_samples=8, max_steps=10, rewards.0.weight=2.")
+    p.add_argument("recipe", help="a recipe YAML, e.g. recipes/configs/ppo_smollm2_sentiment.yaml")
+    p.add_argument("overrides", nargs="*", help="key=value pairs (values parsed as YAML)")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("eval", help="score a policy on a recipe's held-out prompts with the recipe's rewards",
+                       description="Sample completions for the recipe's eval prompts (or its train prompts when it "
+                                   "has none) and print mean reward, each reward part, KL and length.")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--model", help="a trained policy folder (e.g. RUN_DIR/final); default: the recipe's base model")
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("recipes", help="list the shipped recipes", description="List recipes/configs/*.yaml.")
+    p.set_defaults(func=_recipes)
+
     p = sub.add_parser(
         "config",
         help="print the documented defaults, or validate a YAML config with key=value overrides",
@@ -49,9 +127,15 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "file", None) and "=" in args.file and not args.file.endswith((".yaml", ".yml")):
         args.overrides = [args.file, *args.overrides]
         args.file = None
+    from .data import DataError
+    from .rewards.base import RewardError
+
     try:
         return args.func(args)
-    except ConfigError as e:
+    except (ConfigError, DataError, RewardError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a model or file that cannot be found or downloaded
         print(f"error: {e}", file=sys.stderr)
         return 2
 

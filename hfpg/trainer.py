@@ -50,7 +50,7 @@ class PGTrainer:
                  callbacks: list[TrainerCallback] | None = None, optimizers=(None, None), processing_class=None):
         self.config = config = _as_config(config)
         tokenizer = tokenizer if tokenizer is not None else processing_class  # TRL's name for the tokenizer
-        if reward_fn is not None and config.rewards:
+        if reward_fn is not None and config.rewards and getattr(reward_fn, "specs", None) != config.rewards:
             raise ConfigError("both reward_fn and config.rewards are set; pass one (rewards: in YAML builds a "
                               "CombinedReward, reward_fn= takes any callable or CombinedReward)")
         if reward_fn is None and config.rewards:
@@ -144,6 +144,7 @@ class PGTrainer:
         self.generation_config = build_generation_config(config, tokenizer, self.stop_token_ids)
         self.callbacks = list(callbacks or [])
         self.global_step = 0
+        self.last_rollout: Rollout | None = None
         self.should_stop = False
         self.log_history: list[dict] = []
         self._trackers_ready = False
@@ -205,6 +206,7 @@ class PGTrainer:
         B, T = rollout.response_ids.shape  # the fresh rows come first in the batch
         fresh_adv = {k: v[:B, :T] for k, v in adv.items()}
         metrics = step_metrics(self.accelerator, rollout, fresh_adv, scores, kl_coef)
+        self.last_rollout = rollout  # for callbacks (samples.jsonl)
         self.kl_ctl.update(metrics["objective/kl"], cfg.rollout_batch_size)
         if self.replay is not None:
             self.replay.add(rollout, scores, self.global_step)

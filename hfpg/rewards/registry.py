@@ -134,6 +134,16 @@ def build_reward_part(spec: dict | str, base_dir: str | None = None):
             if (isinstance(value, str) and base_dir and not os.path.isabs(value) and not os.path.exists(value)
                     and os.path.exists(os.path.join(base_dir, value))):
                 kwargs[key] = os.path.join(base_dir, value)
+        model_kwargs = kwargs.get("model_kwargs") or {}
+        model = kwargs.get("model")
+        if isinstance(model, str) and (model.startswith("pkg:") or model_kwargs.get("gguf_file")):
+            from ..recipe import materialize_gguf, resolve_path
+
+            if model_kwargs.get("gguf_file"):  # a GGUF scorer: de-quantised once, cached like the policy
+                kwargs["model"] = materialize_gguf(kwargs["model"], model_kwargs["gguf_file"])
+                kwargs["model_kwargs"] = {k: v for k, v in model_kwargs.items() if k != "gguf_file"}
+            else:
+                kwargs["model"] = resolve_path(kwargs["model"])
         try:
             fn = builtin_reward(name)(**kwargs)
         except TypeError as e:
@@ -174,4 +184,6 @@ def build_reward(specs: list, normalize: str = "none", clip: float | None = None
                                                                     .get("weight", 1.0))))
         except ValueError as e:
             raise ConfigError(f"rewards[{i}]: {e}") from None
-    return CombinedReward(parts, normalize=normalize, clip=clip, nonfinite=nonfinite)
+    reward = CombinedReward(parts, normalize=normalize, clip=clip, nonfinite=nonfinite)
+    reward.specs = specs  # lets a trainer whose config declares these same rewards accept this object
+    return reward

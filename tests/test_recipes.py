@@ -1,0 +1,170 @@
+"""Every shipped recipe parses and runs a couple of steps with tiny local stand-ins for its model, data and reward
+models; the CLI's commands and error messages; the run directory's contents."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_gpt2, tiny_llama
+from transformers import GPT2Config, GPT2ForSequenceClassification
+
+from hfpg import ConfigError
+from hfpg.cli import main
+from hfpg.recipe import apply_overrides, load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "recipes" / "configs"
+RECIPES = sorted(p.stem for p in CONFIGS.glob("*.yaml"))
+CHAT = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+SMALL = ["max_steps=2", "rollout_batch_size=4", "mini_batch_size=2", "max_new_tokens=6", "min_new_tokens=0",
+         "report.samples_every=1", "report.num_samples=2"]
+
+
+@pytest.fixture(scope="module")
+def stand_ins(tmp_path_factory):
+    """Tiny local replacements for everything the recipes would download or install."""
+    from conftest import make_tokenizer
+
+    root = tmp_path_factory.mktemp("stand_ins")
+    tok = make_tokenizer()
+    gpt2 = root / "gpt2"
+    tiny_gpt2(tok).save_pretrained(gpt2)
+    tok.save_pretrained(gpt2)
+    llama = root / "llama"
+    tiny_llama(tok).save_pretrained(llama)
+    tok.chat_template = CHAT
+    tok.save_pretrained(llama)
+    torch.manual_seed(0)
+    clf = GPT2ForSequenceClassification(GPT2Config(
+        vocab_size=len(tok), n_positions=128, n_embd=32, n_layer=1, n_head=2, num_labels=2,
+        pad_token_id=tok.pad_token_id, id2label={0: "NEGATIVE", 1: "POSITIVE"},
+        label2id={"NEGATIVE": 0, "POSITIVE": 1}))
+    clf.save_pretrained(root / "classifier")
+    make_tokenizer().save_pretrained(root / "classifier")
+    words = "the cat sat on the mat and a good day with good food for the dog".split()
+    with open(root / "reviews.jsonl", "w") as f:
+        for i in range(24):
+            f.write(json.dumps({"text": " ".join(words[i % 5 : i % 5 + 9]), "label": i % 2}) + "\n")
+    for split in ("train", "validation"):
+        with open(root / f"dialogs_{split}.jsonl", "w") as f:
+            for i in range(12):
+                f.write(json.dumps({"dialogue": f"#A#: hello world {words[i]}\n#B#: the cat sat",
+                                    "summary": f"A says hello about the {words[i]}", "topic": "t"}) + "\n")
+    return root
+
+
+def overrides_for(name: str, root: Path, out: Path) -> list[str]:
+    common = [*SMALL, f"output_dir={out}", "data.path=json", "data.name=null"]
+    if name == "ppo_smollm2_sentiment":
+        return common + [f"model.name_or_path={root / 'llama'}", "model.gguf_file=null",
+                         "data.eval_size=4", f"rewards.1.kwargs.model={root / 'llama'}",
+                         "rewards.1.kwargs.model_kwargs=null"]
+    if name == "ppo_gpt2_sentiment":
+        return common + [f"model.name_or_path={root / 'gpt2'}", f"data.data_files={root / 'reviews.jsonl'}",
+                         "data.eval_size=4", "data.max_train_samples=16",
+                         f"rewards.0.kwargs.model={root / 'classifier'}",
+                         "adaptive_kl=false"]
+    if name == "ppo_gpt2_summarize_rouge":
+        files = {"train": str(root / "dialogs_train.jsonl"), "validation": str(root / "dialogs_validation.jsonl")}
+        return common + [f"model.name_or_path={root / 'gpt2'}", f"data.data_files={json.dumps(files)}",
+                         "data.max_eval_samples=4", "stop_token_ids=null", "max_prompt_length=64"]
+    raise AssertionError(f"no stand-ins for recipe {name}: add them here")
+
+
+def test_every_shipped_recipe_is_valid_as_written():
+    assert len(RECIPES) >= 3
+    for name in RECIPES:
+        recipe = load_recipe(CONFIGS / f"{name}.yaml")
+        assert recipe.training.rewards, name
+        assert Path(ROOT / "recipes" / f"{name}.py").is_file(), f"recipe {name} has no script"
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_recipe_runs_on_tiny_stand_ins(name, stand_ins, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", str(CONFIGS / f"{name}.yaml"), *overrides_for(name, stand_ins, out)]) == 0
+    printed = capsys.readouterr().out
+    assert "report" in printed and str(out / "report.md") in printed
+    for item in ("config.yaml", "metrics.jsonl", "samples.jsonl", "reward_kl.png", "report.md", "eval.json",
+                 "final/value_head.safetensors"):
+        assert (out / item).is_file(), item
+    assert list((out / "runs").rglob("events.out.tfevents.*"))
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "objective/scores" in m] == [1, 2]
+    samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 4 and {"prompt", "completion", "score"} <= set(samples[0])
+    report = (out / "report.md").read_text()
+    assert "| eval/scores |" in report and "## Samples" in report and "reward_kl.png" in report
+    assert (out / "reward_kl.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    resolved = load_recipe(out / "config.yaml")  # the saved config is itself a valid recipe
+    assert resolved.training.max_steps == 2
+    if load_recipe(CONFIGS / f"{name}.yaml").model.peft:
+        assert (out / "final" / "adapter_config.json").is_file()
+
+
+def test_recipe_script_runs_like_the_cli(stand_ins, tmp_path):
+    name = "ppo_gpt2_sentiment"
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, str(ROOT / "recipes" / f"{name}.py"), "--config",
+                           str(CONFIGS / f"{name}.yaml"), *overrides_for(name, stand_ins, out), "report_to=[]"],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "report.md").is_file() and (out / "final" / "model.safetensors").is_file()
+
+
+def test_eval_command_scores_a_trained_policy(stand_ins, tmp_path, capsys):
+    name = "ppo_gpt2_sentiment"
+    out = tmp_path / "run"
+    assert main(["train", str(CONFIGS / f"{name}.yaml"), *overrides_for(name, stand_ins, out)]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(CONFIGS / f"{name}.yaml"), *overrides_for(name, stand_ins, tmp_path / "e"),
+                 "--model", str(out / "final")]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["eval/num_samples"] == 4 and "eval/reward/positive/mean" in metrics
+
+
+def test_recipes_command_lists_every_recipe(capsys):
+    assert main(["recipes"]) == 0
+    out = capsys.readouterr().out
+    for name in RECIPES:
+        assert f"{name}.yaml" in out
+    assert "Offline default" in out
+
+
+def test_cli_errors_are_one_clear_message(tmp_path, capsys):
+    recipe = CONFIGS / "ppo_gpt2_sentiment.yaml"
+    assert main(["train", str(tmp_path / "nope.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["train", str(recipe), "lerning_rate=1", "model.nme_or_path=x", "rewards.0.name=blue"]) == 2
+    err = capsys.readouterr().err
+    assert "did you mean 'learning_rate'" in err and "did you mean model.name_or_path" in err
+    assert "unknown reward 'blue'; did you mean 'bleu'" in err and "Traceback" not in err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {name_or_path: x}\ndata: {path: json, data_files: missing.jsonl}\n"
+                   "rewards: [{name: missing_module_xyz:f}]\n")
+    assert main(["train", str(bad), f"output_dir={tmp_path / 'o'}"]) == 2
+    assert "cannot import reward module 'missing_module_xyz'" in capsys.readouterr().err
+
+
+def test_missing_data_file_and_column_are_clear_errors(stand_ins, tmp_path, capsys):
+    name = "ppo_gpt2_sentiment"
+    base = overrides_for(name, stand_ins, tmp_path / "o")
+    assert main(["train", str(CONFIGS / f"{name}.yaml"), *base, f"data.data_files={tmp_path / 'none.jsonl'}"]) == 2
+    assert "error: data:" in capsys.readouterr().err
+    assert main(["train", str(CONFIGS / f"{name}.yaml"), *base, "data.prompt_column=review"]) == 2
+    err = capsys.readouterr().err
+    assert "data.prompt_column='review' is not a column" in err and "['text', 'label']" in err
+
+
+def test_dotted_overrides():
+    data = {"model": {"peft": None}, "rewards": [{"name": "bleu", "kwargs": {"a": 1}}]}
+    apply_overrides(data, ["model.peft.r=8", "rewards.0.kwargs.a=2", "max_steps=3"])
+    assert data == {"model": {"peft": {"r": 8}}, "rewards": [{"name": "bleu", "kwargs": {"a": 2}}], "max_steps": 3}
+    with pytest.raises(ConfigError, match="not an index"):
+        apply_overrides(data, ["rewards.5.weight=1"])
