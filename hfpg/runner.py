@@ -14,6 +14,7 @@ import json
 import os
 
 import yaml
+from transformers import set_seed
 
 from .recipe import Recipe, load_prompts, load_tokenizer_and_model
 from .rewards.registry import build_reward
@@ -37,6 +38,7 @@ class RecipeRun:
                                      base_dir=recipe.base_dir)
         else:
             cfg.rewards = []
+        set_seed(cfg.seed)  # new weights (a LoRA adapter's init, a fresh value head) are reproducible too
         self.tokenizer, model, ref_model = load_tokenizer_and_model(recipe.model)
         self.train_dataset, self.eval_dataset = load_prompts(recipe.data, self.tokenizer, recipe.base_dir, cfg.seed)
         samples = SampleLogger(os.path.join(self.output_dir, "samples.jsonl"), recipe.report.samples_every,
