@@ -7,7 +7,7 @@ response tokens (right-padded after the first stop token).
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
@@ -39,16 +39,9 @@ class Rollout:
     completions: list[str] = field(default_factory=list)
     columns: dict[str, list] = field(default_factory=dict)
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)}
-
     @property
     def batch_size(self) -> int:
         return self.response_ids.shape[0]
-
-    @property
-    def num_response_tokens(self) -> int:
-        return int(self.response_mask.sum())
 
 
 def concat_rollouts(rollouts: list[Rollout], pad_token_id: int) -> Rollout:

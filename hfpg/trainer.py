@@ -195,7 +195,7 @@ class PGTrainer:
         rows = [dict(zip(rows, vals)) for vals in zip(*rows.values())]
         rows = [row for row in rows for _ in range(cfg.num_samples_per_prompt)]  # groups are contiguous
         rollout, timings = self.make_rollout(rows)
-        scores, score_metrics = self._shape_scores(rollout)
+        scores = self._shape_scores(rollout)
         t0 = self._clock()
         batch, batch_scores, replay_metrics = self._add_replay(rollout, scores)
         kl_coef = self.kl_ctl.value
@@ -210,7 +210,6 @@ class PGTrainer:
         self.kl_ctl.update(metrics["objective/kl"], cfg.rollout_batch_size)
         if self.replay is not None:
             self.replay.add(rollout, scores, self.global_step)
-        metrics.update(score_metrics)
         metrics.update(replay_metrics)
         metrics.update(component_metrics(self.accelerator, self.reward_fn, rollout.components))
         metrics.update(update_metrics)
@@ -233,7 +232,7 @@ class PGTrainer:
                              self.tokenizer.pad_token_id, self.global_step)
 
     @torch.no_grad()
-    def make_rollout(self, rows: list[dict], with_ref: bool = True) -> tuple[Rollout, dict[str, float]]:
+    def make_rollout(self, rows: list[dict]) -> tuple[Rollout, dict[str, float]]:
         """Generate for ``rows`` and attach logprobs, values, reference logprobs and scores. (B = len(rows))."""
         cfg, acc = self.config, self.accelerator
         prompts = [r[cfg.prompt_column] for r in rows]
@@ -258,11 +257,10 @@ class PGTrainer:
         rollout.logprobs, rollout.values, rollout.entropy = out["logprobs"], out["values"], out["entropy"]
         timings["time/policy_forward"] = clock() - t
         t = clock()
-        if with_ref:
-            with acc.autocast(), reference_context(policy, self.ref_model) as ref:
-                ref_out = batched(lambda **kw: sequence_forward(ref, **kw, temperature=cfg.temperature,
-                                                                with_values=False), cfg.forward_batch_size, n, **seqs)
-            rollout.ref_logprobs = ref_out["logprobs"]
+        with acc.autocast(), reference_context(policy, self.ref_model) as ref:
+            ref_out = batched(lambda **kw: sequence_forward(ref, **kw, temperature=cfg.temperature,
+                                                            with_values=False), cfg.forward_batch_size, n, **seqs)
+        rollout.ref_logprobs = ref_out["logprobs"]
         timings["time/ref_forward"] = clock() - t
         t = clock()
         rollout.completions = decode_completions(self.tokenizer, response_ids, response_mask)
@@ -371,7 +369,7 @@ class PGTrainer:
             torch.cuda.synchronize()  # a CPU-GPU sync point, once per phase
         return time.perf_counter()
 
-    def _shape_scores(self, rollout: Rollout) -> tuple[torch.Tensor, dict[str, float]]:
+    def _shape_scores(self, rollout: Rollout) -> torch.Tensor:
         """Missing-EOS penalty, then optional scaling (running std / batch whitening over all processes), clipping."""
         cfg, acc = self.config, self.accelerator
         scores = rollout.scores.clone()
@@ -388,7 +386,7 @@ class PGTrainer:
                 scores = (scores - mean) / (std + 1e-8)
         if cfg.score_clip is not None:
             scores = scores.clamp(-cfg.score_clip, cfg.score_clip)
-        return scores, {}
+        return scores
 
     def _init_trackers(self) -> None:
         if self._trackers_ready or not self.config.report_to:

@@ -249,10 +249,10 @@ def test_replay_with_zero_staleness_equals_no_replay(tokenizer, tmp_path):
     rows = [{"prompt": p} for p in PROMPTS * 2]
     torch.manual_seed(1)
     old, _ = trainer.make_rollout(rows)
-    old_scores, _ = trainer._shape_scores(old)
+    old_scores = trainer._shape_scores(old)
     trainer.replay.add(old, old_scores, step=0)
     fresh, _ = trainer.make_rollout(rows)
-    scores, _ = trainer._shape_scores(fresh)
+    scores = trainer._shape_scores(fresh)
     batch, batch_scores, metrics = trainer._add_replay(fresh, scores)
     assert metrics["replay/ratio"] == 0.5 and metrics["replay/staleness"] == 0.0
     replayed_w = batch.is_weights[8:][batch.response_mask[8:]]

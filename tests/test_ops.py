@@ -439,7 +439,7 @@ def _brute_gae(rewards, values, lengths, gamma, lam, T=5):
             v_next = v[t + 1] if t + 1 < n else 0.0
             return r[t] + gamma * v_next - v[t]
 
-        row = [sum((gamma * lam) ** l * delta(t + l) for l in range(n - t)) for t in range(n)]
+        row = [sum((gamma * lam) ** k * delta(t + k) for k in range(n - t)) for t in range(n)]
         adv.append(row + [0.0] * (T - n))
     return torch.tensor(adv, dtype=torch.float64)
 

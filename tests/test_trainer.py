@@ -441,17 +441,17 @@ def test_score_shaping_whitening_running_std_and_clipping(tokenizer, tmp_path):
         return Rollout(z, z, z, z.bool(), torch.tensor(has_stop), scores=torch.tensor(scores))
 
     trainer = make_trainer(tokenizer, tmp_path, score_scaling="whiten", missing_eos_penalty=1.0)
-    shaped, _ = trainer._shape_scores(fake([1.0, 2.0, 3.0, 6.0], [True, True, True, False]))
+    shaped = trainer._shape_scores(fake([1.0, 2.0, 3.0, 6.0], [True, True, True, False]))
     raw = torch.tensor([1.0, 2.0, 3.0, 5.0])  # the EOS penalty comes first
     torch.testing.assert_close(shaped, (raw - raw.mean()) / raw.std())
 
     trainer.config.score_scaling, trainer.config.missing_eos_penalty = "running_std", None
     trainer._shape_scores(fake([0.0, 4.0], [True, True]))  # running var so far: 4 (population)
-    shaped, _ = trainer._shape_scores(fake([2.0, 2.0], [True, True]))  # all four: mean 2, var 2
+    shaped = trainer._shape_scores(fake([2.0, 2.0], [True, True]))  # all four: mean 2, var 2
     torch.testing.assert_close(shaped, torch.tensor([2.0, 2.0]) / 2.0**0.5)
 
     trainer.config.score_scaling, trainer.config.score_clip = "none", 1.5
-    shaped, _ = trainer._shape_scores(fake([-3.0, 0.5, 3.0], [True, True, True]))
+    shaped = trainer._shape_scores(fake([-3.0, 0.5, 3.0], [True, True, True]))
     torch.testing.assert_close(shaped, torch.tensor([-1.5, 0.5, 1.5]))
 
 
@@ -473,3 +473,26 @@ def test_evaluate_checks_a_dataset_passed_to_it(tokenizer, tmp_path):
         trainer.evaluate()
     with pytest.raises(DataError, match="eval_dataset has no column 'prompt'"):
         trainer.evaluate([{"question": "x"}])
+
+
+def test_step_metrics_match_the_reference_maths():
+    """The distributed-sum formulas in hfpg.metrics agree with ops.explained_variance and hand-computed means."""
+    from hfpg import ops
+    from hfpg.metrics import step_metrics
+    from hfpg.rollout import Rollout
+
+    torch.manual_seed(0)
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    values, returns = torch.randn(2, 3) * mask, torch.randn(2, 3) * mask
+    kl = torch.tensor([[0.1, 0.2, 0.3], [0.4, 0.5, 0.0]])
+    ids = torch.zeros(2, 3, dtype=torch.long)
+    r = Rollout(ids[:, :1], torch.ones(2, 1), ids, mask, torch.tensor([True, False]), values=values,
+                entropy=torch.ones(2, 3), scores=torch.tensor([1.0, 3.0]))
+    adv = {"kl": kl, "non_score_rewards": -0.5 * kl, "returns": returns}
+    m = step_metrics(None, r, adv, torch.tensor([2.0, 4.0]), 0.5)
+    assert m["value/explained_variance"] == pytest.approx(float(ops.explained_variance(values, returns, mask)),
+                                                          rel=1e-5)
+    assert m["objective/kl"] == pytest.approx((0.6 + 0.9) / 2)
+    assert m["objective/rlhf_reward"] == pytest.approx((2 - 0.3 + 4 - 0.45) / 2)
+    assert m["objective/scores"] == 2.0 and m["objective/scores_shaped"] == 3.0
+    assert m["completions/mean_length"] == 2.5 and m["completions/no_stop_fraction"] == 0.5

@@ -29,6 +29,7 @@ class TRPO(MinibatchPolicyGradient):
     def __init__(self, config):
         super().__init__(config)
         self.value_optimizer: torch.optim.Optimizer | None = None
+        self._pending_value_state: dict | None = None  # from a checkpoint, applied when the optimizer is built
 
     def state_dict(self) -> dict:
         state = super().state_dict()
@@ -159,7 +160,7 @@ class TRPO(MinibatchPolicyGradient):
         cfg = self.config
         if self.value_optimizer is None:
             self.value_optimizer = torch.optim.Adam(policy.v_head.parameters(), lr=cfg.value_learning_rate)
-            pending = getattr(self, "_pending_value_state", None)
+            pending = self._pending_value_state
             if pending:
                 self.value_optimizer.load_state_dict(pending)
         hidden = []
