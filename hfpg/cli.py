@@ -1,4 +1,5 @@
-"""The ``hfpg`` command: ``train`` a recipe, ``eval`` a policy, list ``recipes``, inspect ``config`` keys."""
+"""The ``hfpg`` command: ``train`` a recipe, ``eval`` a policy, ``push`` it to the Hub, list ``recipes``, inspect
+``config`` keys."""
 
 from __future__ import annotations
 
@@ -67,6 +68,16 @@ def _eval(args) -> int:
     return 0
 
 
+def _push(args) -> int:
+    from .hub import push_model_folder
+
+    url = push_model_folder(args.run_dir, args.repo_id, merge=args.merge, private=args.private, token=args.token,
+                            commit_message=args.commit_message, revision=args.revision, create_pr=args.create_pr,
+                            dry_run=args.dry_run)
+    print(url if args.dry_run else f"hfpg: pushed to {url}")
+    return 0
+
+
 def _config(args) -> int:
     if args.file is None and not args.overrides:
         sys.stdout.write(PGConfig.documented_yaml())
@@ -101,6 +112,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="a trained policy folder (e.g. RUN_DIR/final); default: the recipe's base model")
     p.set_defaults(func=_eval)
 
+    p = sub.add_parser(
+        "push", help="upload a trained model (adapter or full) with its model card to the Hugging Face Hub",
+        description="Upload RUN_DIR/final (or a folder written by save_model) to the Hub model repo REPO_ID, created "
+                    "if needed: the policy or adapter, value_head.safetensors, tokenizer, hfpg_config.yaml and the "
+                    "model card. The token comes from HF_TOKEN or `hf auth login` (or --token) and is never printed. "
+                    "Nothing in RUN_DIR is written; a refused or failed push says why and how to fix it.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (with final/) or a saved model folder")
+    p.add_argument("repo_id", metavar="REPO_ID", help="the Hub repo, e.g. your-name/smollm2-ppo-positive")
+    p.add_argument("--private", action="store_true", default=None, help="create the repo as private")
+    p.add_argument("--revision", help="branch to push to (created if needed; default main)")
+    p.add_argument("--commit-message", default=None, help="default: 'Upload model trained with hfpg'")
+    p.add_argument("--merge", action="store_true", help="merge the adapter into its base and push the full model")
+    p.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing to the branch")
+    p.add_argument("--dry-run", action="store_true",
+                   help="contact nobody: list the files (and sizes) and the model card metadata a push would upload")
+    p.add_argument("--token", default=None, help="a Hub token (prefer HF_TOKEN: command lines end up in history)")
+    p.set_defaults(func=_push)
+
     p = sub.add_parser("recipes", help="list the shipped recipes", description="List recipes/configs/*.yaml.")
     p.set_defaults(func=_recipes)
 
@@ -128,11 +157,12 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [args.file, *args.overrides]
         args.file = None
     from .data import DataError
+    from .hub import HubError
     from .rewards.base import RewardError
 
     try:
         return args.func(args)
-    except (ConfigError, DataError, RewardError) as e:
+    except (ConfigError, DataError, RewardError, HubError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a model or file that cannot be found or downloaded

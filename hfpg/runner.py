@@ -16,10 +16,15 @@ import os
 import yaml
 from transformers import set_seed
 
+from .hub import is_hub_id, push_model_folder
 from .recipe import Recipe, load_prompts, load_tokenizer_and_model
-from .rewards.registry import build_reward
 from .report import SampleLogger, plot_curves, sample_table, write_report
+from .rewards.registry import build_reward
 from .trainer import PGTrainer
+
+# datasets.load_dataset builders that read local files: not a dataset to name in a model card
+LOCAL_BUILDERS = {"json", "csv", "parquet", "text", "arrow", "pandas", "generator", "imagefolder", "audiofolder",
+                  "webdataset", "sql"}
 
 
 class RecipeRun:
@@ -46,8 +51,19 @@ class RecipeRun:
         self.trainer = PGTrainer(model, self.tokenizer, cfg, train_dataset=self.train_dataset,
                                  eval_dataset=self.eval_dataset, reward_fn=reward_fn, ref_model=ref_model,
                                  callbacks=[samples, *callbacks])
+        self._describe_for_card()
         self.results: dict[str, dict] = {}
         self.samples: dict[str, list[dict]] = {}
+
+    def _describe_for_card(self) -> None:
+        """What the model card names as base model and datasets: Hub ids only, never local paths."""
+        spec, data, card = self.recipe.model, self.recipe.data, self.trainer.model_card_data
+        if spec.hub_base_model:
+            card["base_model"] = spec.hub_base_model
+        elif is_hub_id(spec.name_or_path) and not spec.gguf_file:
+            card["base_model"] = spec.name_or_path
+        if is_hub_id(data.path) and data.path not in LOCAL_BUILDERS:
+            card["datasets"] = [data.path]
 
     def evaluate(self, tag: str) -> dict[str, float] | None:
         """Held-out metrics (and a few samples) under ``tag`` ("before" / "after"); None without eval prompts."""
@@ -77,6 +93,11 @@ class RecipeRun:
                                            paths.get("plot"))
             with open(os.path.join(out, "eval.json"), "w") as f:
                 json.dump({"before": self.results["before"], "after": self.results["after"]}, f, indent=2)
+        cfg = self.recipe.training
+        if cfg.push_to_hub:  # last: a refused push leaves a complete run directory behind
+            paths["hub"] = push_model_folder(paths["model"], cfg.hub_model_id, private=cfg.hub_private_repo,
+                                             revision=cfg.hub_revision,
+                                             commit_message=f"hfpg {cfg.algorithm}: {os.path.basename(out)}")
         return paths
 
 

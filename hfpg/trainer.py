@@ -16,7 +16,7 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase, get_scheduler
 
-from . import ops
+from . import hub, ops
 from .algorithms import build_algorithm
 from .algorithms.common import global_sum
 from .callbacks import TrainerCallback
@@ -24,11 +24,12 @@ from .config import ConfigError, PGConfig
 from .data import DataError, PromptSampler, as_dataset, check_prompts
 from .kl import build_kl_controller
 from .metrics import component_metrics, step_metrics
-from .modeling import AutoModelForCausalLMWithValueHead, create_reference_model, disable_dropout, reference_context
+from .modeling import (AutoModelForCausalLMWithValueHead, adalora_step_hook, create_reference_model, disable_dropout,
+                       reference_context, with_value_head)
 from .normalize import RunningMoments
+from .replay import ReplayBuffer, mix_in_replay
 from .rewards.base import compute_scores, setup_reward
 from .rewards.registry import build_reward
-from .replay import ReplayBuffer, mix_in_replay
 from .rollout import (Rollout, batched, build_generation_config, columns_for, decode_completions, generate_responses,
                       sequence_forward, tokenize_prompts)
 
@@ -43,11 +44,14 @@ class PGTrainer:
     ref_model: frozen reference for the KL penalty (a model, or an id / path); by default a frozen copy of the
     policy, or — for a PEFT policy — the same weights with adapters disabled.
     tokenizer (or ``processing_class``, TRL's name): the policy's tokenizer; EOS pads when it has no pad token.
+    peft_config: any ``peft`` adapter config (``LoraConfig``, ``IA3Config``, ...) to wrap a plain model in; only the
+    adapter and the value head train, and the reference is the same base with the adapter disabled.
     """
 
     def __init__(self, model, tokenizer: PreTrainedTokenizerBase | None = None, config: PGConfig | dict | None = None,
                  train_dataset=None, reward_fn: Callable | None = None, ref_model=None, eval_dataset=None,
-                 callbacks: list[TrainerCallback] | None = None, optimizers=(None, None), processing_class=None):
+                 callbacks: list[TrainerCallback] | None = None, optimizers=(None, None), processing_class=None,
+                 peft_config=None):
         self.config = config = _as_config(config)
         tokenizer = tokenizer if tokenizer is not None else processing_class  # TRL's name for the tokenizer
         if reward_fn is not None and config.rewards and getattr(reward_fn, "specs", None) != config.rewards:
@@ -71,9 +75,7 @@ class PGTrainer:
 
         if isinstance(model, str):
             tokenizer = tokenizer or AutoTokenizer.from_pretrained(model)
-            model = AutoModelForCausalLMWithValueHead.from_pretrained(model)
-        elif not isinstance(model, AutoModelForCausalLMWithValueHead):
-            model = AutoModelForCausalLMWithValueHead(model)
+        model = with_value_head(model, peft_config)
         if tokenizer is None:
             raise TypeError("pass the tokenizer that matches the model (tokenizer=AutoTokenizer.from_pretrained(...))")
         self.tokenizer = tokenizer
@@ -114,6 +116,10 @@ class PGTrainer:
         self.algorithm = build_algorithm(config)
         minibatches = (config.rollout_batch_size + config.replay_batch_size) // config.mini_batch_size
         self.num_optimizer_steps = config.max_steps * self.algorithm.epochs * minibatches
+        if model.peft_type == "ADALORA":  # re-allocates ranks from the gradients after every optimizer step
+            self.algorithm.after_optimizer_step = adalora_step_hook(
+                model, lambda: self.scheduler.last_epoch, config.algorithm,
+                self.num_optimizer_steps)
         optimizer, scheduler = optimizers
         if optimizer is None:
             optimizer = torch.optim.AdamW(
@@ -143,6 +149,10 @@ class PGTrainer:
             self.accelerator.register_for_checkpointing(self.reward_fn)
         self.generation_config = build_generation_config(config, tokenizer, self.stop_token_ids)
         self.callbacks = list(callbacks or [])
+        # what the model card says beyond the config and the log: edit before save_model() / push_to_hub()
+        base_name = getattr(model.base_model.config, "_name_or_path", None)
+        self.model_card_data: dict = {"base_model": base_name if hub.is_hub_id(base_name) else None,
+                                      "datasets": None, "tags": [], "license": None, "language": None}
         self.global_step = 0
         self.last_rollout: Rollout | None = None
         self.should_stop = False
@@ -318,17 +328,65 @@ class PGTrainer:
                 f.write(json.dumps(record) + "\n")
         self._callback("on_log", self.global_step, metrics)
 
-    def save_model(self, output_dir: str | None = None) -> str:
-        """Write the policy (or its adapter), value head, tokenizer and the training config; loadable with
-        ``AutoModelForCausalLMWithValueHead.from_pretrained(output_dir)``."""
+    def save_model(self, output_dir: str | None = None, merge: bool | None = None) -> str:
+        """Write the policy (its adapter, or the full model), the value head, the tokenizer, the training config
+        (``hfpg_config.yaml``) and a model card (``README.md``). Plain ``peft`` / ``transformers`` load the policy
+        without hfpg; :meth:`AutoModelForCausalLMWithValueHead.from_pretrained` loads it with its value head.
+
+        merge: write the adapter merged into a full model (default: ``config.merge_adapter``).
+        """
         output_dir = output_dir or self.config.output_dir
+        merge = self.config.merge_adapter if merge is None else merge
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
-            self.unwrapped_model.save_pretrained(output_dir)
+            self.unwrapped_model.save_pretrained(output_dir, merge=merge)
             self.tokenizer.save_pretrained(output_dir)
-            self.config.to_yaml(os.path.join(output_dir, "hfpg_config.yaml"))
+            self.config.to_yaml(os.path.join(output_dir, hub.CONFIG_FILE))
+            self.create_model_card(output_dir, merged=merge)
         self.accelerator.wait_for_everyone()
         return output_dir
+
+    def create_model_card(self, output_dir: str, merged: bool = False, repo_id: str | None = None) -> str:
+        """Write ``output_dir/README.md``: YAML metadata (base_model, library_name, tags, datasets, rewards and
+        weights, final metrics) from :attr:`model_card_data` and the log history, and a usage snippet."""
+        meta = hub.trainer_card_metadata(self, merged)
+        card = hub.render_model_card(meta, repo_id or self.config.hub_model_id, self.config.to_dict(), output_dir)
+        path = os.path.join(output_dir, hub.CARD_FILE)
+        card.save(path)
+        return path
+
+    def push_to_hub(self, repo_id: str | None = None, *, private: bool | None = None, token: str | None = None,
+                    commit_message: str | None = None, revision: str | None = None, merge: bool | None = None,
+                    output_dir: str | None = None, create_pr: bool = False) -> str | None:
+        """Save the model (as :meth:`save_model`, into ``output_dir``, default ``<config.output_dir>/final``) and
+        upload that folder to the Hub model repo ``repo_id`` (default ``config.hub_model_id``; created if needed).
+
+        The token comes from ``token``, else ``HF_TOKEN`` / ``hf auth login``; it is never printed or logged. Returns
+        the commit URL (None on processes other than the main one). Raises :class:`hfpg.hub.HubError` with the cause
+        and the fix when the Hub cannot be reached or refuses; the saved folder stays as it is.
+        """
+        cfg = self.config
+        repo_id = repo_id or cfg.hub_model_id
+        if not repo_id:
+            raise ConfigError("push_to_hub needs a repo id: push_to_hub('your-name/model') or config.hub_model_id")
+        private = cfg.hub_private_repo if private is None else private
+        revision = revision or cfg.hub_revision
+        folder = self.save_model(output_dir or os.path.join(cfg.output_dir, "final"), merge=merge)
+        url, error = None, None
+        if self.accelerator.is_main_process:
+            try:
+                url = hub.push_folder(folder, repo_id, private=private, token=token, commit_message=commit_message
+                                      or f"hfpg {cfg.algorithm}: step {self.global_step}", revision=revision,
+                                      extra_files=hub.hub_files(folder, repo_id), create_pr=create_pr)
+            except hub.HubError as e:
+                error = str(e)
+        if self.accelerator.num_processes > 1:  # every process raises, or none does
+            from accelerate.utils import broadcast_object_list
+
+            error = broadcast_object_list([error])[0]
+        if error is not None:
+            raise hub.HubError(error)
+        return url
 
     def save_checkpoint(self) -> str:
         """A resumable checkpoint: model, optimizer, scheduler, KL controller, score statistics, sampler, RNG, step."""

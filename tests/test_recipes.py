@@ -108,6 +108,39 @@ def test_recipe_runs_on_tiny_stand_ins(name, stand_ins, tmp_path, capsys):
         assert (out / "final" / "adapter_config.json").is_file()
 
 
+def test_recipe_pushes_its_final_model_with_a_card_naming_the_hub_base(stand_ins, tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+    from test_hub import FakeHub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_TOKEN", "hf_not_a_real_token")
+    hub = FakeHub().install(monkeypatch)
+    name, out = "ppo_smollm2_sentiment", tmp_path / "run"
+    assert main(["train", str(CONFIGS / f"{name}.yaml"), *overrides_for(name, stand_ins, out), "push_to_hub=true",
+                 "hub_model_id=me/smol-positive"]) == 0
+    assert "https://huggingface.co/me/smol-positive/commit/" in capsys.readouterr().out
+    meta = hub.card().data.to_dict()
+    assert meta["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"  # model.hub_base_model, not the local path
+    assert json.loads(hub.files["adapter_config.json"])["base_model_name_or_path"] == meta["base_model"]
+    assert [(r["name"], r["weight"]) for r in meta["rewards"]] == [("positivity", 1.0), ("fluency", 0.05)]
+    assert "eval/scores" in meta["final_metrics"] and "datasets" not in meta  # a local json file is no dataset id
+    assert set(hub.files) == {str(p.relative_to(out / "final")) for p in (out / "final").rglob("*") if p.is_file()}
+
+
+def test_refused_recipe_push_leaves_the_whole_run_directory(stand_ins, tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    name, out = "ppo_gpt2_sentiment", tmp_path / "run"
+    assert main(["train", str(CONFIGS / f"{name}.yaml"), *overrides_for(name, stand_ins, out), "push_to_hub=true",
+                 "hub_model_id=me/gpt2-positive"]) == 2
+    assert "no Hugging Face token found" in capsys.readouterr().err
+    for item in ("report.md", "eval.json", "reward_kl.png", "final/model.safetensors", "final/README.md"):
+        assert (out / item).is_file(), item
+
+
 def test_recipe_script_runs_like_the_cli(stand_ins, tmp_path):
     name = "ppo_gpt2_sentiment"
     out = tmp_path / "run"

@@ -1,4 +1,4 @@
-"""Slow end-to-end checks (`make test-slow`): the benchmark script, and LoRA PPO learning on a Llama-architecture
+"""Slow end-to-end checks (`make test-slow`): the benchmark scripts, and LoRA PPO learning on a Llama-architecture
 model. Each takes tens of seconds on 2 CPU cores."""
 
 from __future__ import annotations
@@ -33,6 +33,21 @@ def test_benchmark_script_times_every_phase(tmp_path):
     for phase in ("time/generate", "time/policy_forward", "time/ref_forward", "time/reward", "time/update",
                   "time/step"):
         assert phase in text, phase
+
+
+@pytest.mark.slow
+def test_peft_memory_benchmark_compares_full_and_lora_side_by_side(tmp_path):
+    out = tmp_path / "mem.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_peft_memory.py"), "--model", "tiny-gpt2", "--repeats", "1",
+         "--steps", "1", "--device", "cpu", "--json", str(out)],
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert rows["separate reference parameters"]["lora"] == 0 < rows["separate reference parameters"]["full"]
+    assert 0 < rows["trainable parameters"]["lora"] < rows["trainable parameters"]["full"]
+    assert rows["peak memory (MiB)"]["full"] > 0 and rows["peak memory (MiB)"]["lora"] > 0
+    assert "LoRA / full" in proc.stdout
 
 
 @pytest.mark.slow

@@ -27,6 +27,7 @@ class MinibatchPolicyGradient:
     def __init__(self, config):
         self.config = config
         self.moving_average = MovingAverageBaseline(config.baseline_ema)
+        self.after_optimizer_step = None  # optional hook, called after each optimizer step (before zero_grad)
 
     @property
     def epochs(self) -> int:
@@ -82,6 +83,8 @@ class MinibatchPolicyGradient:
                     stats.add("policy/grad_norm", float(grad_norm), 1.0 / P)  # same on every process
                 optimizer.step()
                 scheduler.step()
+                if self.after_optimizer_step is not None:  # e.g. AdaLoRA's rank allocation (reads gradients)
+                    self.after_optimizer_step()
                 optimizer.zero_grad(set_to_none=True)
                 n_updates += 1
                 if cfg.target_approx_kl is not None:
