@@ -59,8 +59,9 @@ def reward_entries(reward_fn) -> list[dict]:
     for i, (name, weight) in enumerate(zip(names, weights)):
         entry = {"name": str(name), "weight": float(weight)}
         if isinstance(specs, list) and i < len(specs) and isinstance(specs[i], dict) and specs[i].get("name"):
-            if str(specs[i]["name"]) != entry["name"]:
-                entry["type"] = str(specs[i]["name"])
+            kind = os.path.basename(str(specs[i]["name"]))  # a custom reward module: its file, not a local path
+            if kind != entry["name"]:
+                entry["type"] = kind
         entries.append(entry)
     return entries
 

@@ -210,14 +210,33 @@ def materialize_gguf(source: str, gguf_file: str, cache_dir: str | None = None) 
         print(f"hfpg: de-quantising {gguf_file} once (about 20 s); caching it as safetensors in {cache}")
         tok = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
         gguf_model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file)
-        model = AutoModelForCausalLM.from_config(gguf_model.config)
+        config = gguf_model.config
+        if hasattr(config, "quantization_config"):  # the weights are de-quantised: not a GGUF model any more
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config)
         model.load_state_dict(gguf_model.state_dict())
         model.generation_config = gguf_model.generation_config
         tmp = cache.with_name(cache.name + ".tmp")
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         os.replace(tmp, cache)  # a half-written cache is never taken for a complete one
+    _drop_gguf_quantization_config(cache / "config.json")
     return str(cache)
+
+
+def _drop_gguf_quantization_config(config_file: Path) -> None:
+    """Caches written by hfpg 0.1.0 kept ``quantization_config: {quant_method: gguf}`` for weights that are plain
+    fp32 safetensors, so transformers loaded them as a GGUF-quantised model that refuses ``save_pretrained`` (and so
+    merging an adapter). Rewrite such a config once."""
+    import json
+
+    data = json.loads(config_file.read_text())
+    if (data.get("quantization_config") or {}).get("quant_method") != "gguf":
+        return
+    del data["quantization_config"]
+    tmp = config_file.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, config_file)
 
 
 def load_tokenizer_and_model(spec: ModelSpec):

@@ -215,3 +215,23 @@ def test_recipe_runs_are_reproducible(stand_ins, tmp_path, capsys):
     keys = ("objective/scores", "objective/kl", "loss/policy", "eval/scores")
     for a, b in zip(runs[0], runs[1], strict=True):
         assert {k: a.get(k) for k in keys} == {k: b.get(k) for k in keys}
+
+
+def test_gguf_cache_from_an_older_hfpg_is_repaired_so_the_model_saves_and_merges(tmp_path, tokenizer):
+    """Caches of de-quantised GGUF models once kept quantization_config={quant_method: gguf}; transformers then
+    refused save_pretrained (and so merging an adapter) for plain fp32 weights."""
+    from transformers import AutoModelForCausalLM
+
+    from hfpg.recipe import materialize_gguf
+
+    cache = tmp_path / "gguf" / "pkg-model.Q4.gguf"
+    tiny_llama(tokenizer).save_pretrained(cache)
+    config = json.loads((cache / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gguf", "gguf_file": "model.Q4.gguf", "dequantize": False}
+    (cache / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="not serializable"):  # the bug, reproduced
+        AutoModelForCausalLM.from_pretrained(cache).save_pretrained(tmp_path / "out0")
+    assert materialize_gguf(str(tmp_path / "pkg"), "model.Q4.gguf", cache_dir=str(tmp_path)) == str(cache)
+    assert "quantization_config" not in json.loads((cache / "config.json").read_text())
+    AutoModelForCausalLM.from_pretrained(cache).save_pretrained(tmp_path / "out1")
+    assert (tmp_path / "out1" / "model.safetensors").is_file()
