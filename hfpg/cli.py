@@ -78,6 +78,20 @@ def _push(args) -> int:
     return 0
 
 
+def _train_rm(args) -> int:
+    from .reward_modeling import RMConfig, train_reward_model
+
+    config = RMConfig.from_yaml(args.config, args.overrides)
+    result = train_reward_model(config)
+    print("\nhfpg: reward model trained")
+    for name, value in result["metrics"].items():
+        if name.startswith("eval_") and not name.endswith(("runtime", "per_second")):
+            print(f"  {name[5:]:12s} {value:.4f}")
+    for name, path in result["paths"].items():
+        print(f"  {name:12s} {path}")
+    return 0
+
+
 def _config(args) -> int:
     if args.file is None and not args.overrides:
         sys.stdout.write(PGConfig.documented_yaml())
@@ -129,6 +143,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="contact nobody: list the files (and sizes) and the model card metadata a push would upload")
     p.add_argument("--token", default=None, help="a Hub token (prefer HF_TOKEN: command lines end up in history)")
     p.set_defaults(func=_push)
+
+    p = sub.add_parser(
+        "train-rm", help="train a reward model (Bradley-Terry on preference pairs, or regression on ratings)",
+        description="Train an AutoModelForSequenceClassification reward model from a YAML config (see "
+                    "reward_models/configs/): pairwise (prompt?/chosen/rejected[/margin] columns) or regression "
+                    "(prompt?/text/score). Reports held-out accuracy or correlation, stops early on it, and saves "
+                    "OUTPUT_DIR/final (model, tokenizer, reward_normalization.json, model card) for RewardModelReward.")
+    p.add_argument("config", help="a reward-model YAML, e.g. reward_models/configs/minilm_positivity.yaml")
+    p.add_argument("overrides", nargs="*", help="key=value pairs (dotted for model./data. keys)")
+    p.set_defaults(func=_train_rm)
 
     p = sub.add_parser("recipes", help="list the shipped recipes", description="List recipes/configs/*.yaml.")
     p.set_defaults(func=_recipes)

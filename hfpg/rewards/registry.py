@@ -136,6 +136,11 @@ def build_reward_part(spec: dict | str, base_dir: str | None = None):
                 kwargs[key] = os.path.join(base_dir, value)
         model_kwargs = kwargs.get("model_kwargs") or {}
         model = kwargs.get("model")
+        if isinstance(model, str) and not model.startswith("pkg:") and not os.path.exists(model) \
+                and (os.path.isabs(model) or model.startswith(".") or model.count("/") > 1):
+            raise ValueError(f"reward {spec.get('label') or name!r}: model folder {model!r} does not exist (relative "
+                             f"paths are tried from the working directory, then next to the recipe); train or "
+                             f"download it first")
         if isinstance(model, str) and (model.startswith("pkg:") or model_kwargs.get("gguf_file")):
             from ..recipe import materialize_gguf, resolve_path
 
