@@ -183,5 +183,5 @@ def test_the_entry_script_in_reward_models_runs_like_the_cli(tmp_path, backbone)
     proc = subprocess.run([sys.executable, os.path.join(root, "reward_models", "train_rm.py"), str(config),
                            "per_device_train_batch_size=8"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout[proc.stdout.index("{"):])
+    result = json.loads(proc.stdout[proc.stdout.rindex('{\n  "metrics"'):])  # after the Trainer's own log lines
     assert 0.0 <= result["metrics"]["eval_accuracy"] <= 1.0 and result["paths"]["model"].endswith("final")
