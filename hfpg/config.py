@@ -382,6 +382,17 @@ def _format_problems(problems: list[str]) -> str:
     return "invalid hfpg config:\n" + "\n".join(f"  - {x}" for x in problems)
 
 
+def unknown_key_problems(keys, known, prefix: str = "", fallback: str = "") -> list[str]:
+    """``unknown key <prefix><key>; did you mean <prefix><close>?`` for each key not in ``known``."""
+    problems = []
+    for key in keys:
+        if key not in known:
+            close = difflib.get_close_matches(key, list(known), n=1)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else fallback
+            problems.append(f"unknown key {prefix}{key}{hint}")
+    return problems
+
+
 def _divisor_below(n: int, m: int) -> int:
     for d in range(min(m, n), 0, -1):
         if n % d == 0:

@@ -39,12 +39,27 @@ class HubError(RuntimeError):
 
 
 # ---- model card ------------------------------------------------------------------------------------------------------
+REPO_ID = re.compile(r"[A-Za-z0-9][\w.\-]*(/[A-Za-z0-9][\w.\-]*)?")  # ``gpt2``, ``org/name``
+# load_dataset builders that read local files: not a dataset to name in a model card
+LOCAL_BUILDERS = {"json", "csv", "parquet", "text", "arrow", "pandas", "generator", "imagefolder", "audiofolder",
+                  "webdataset", "sql"}
+PEFT_NAMES = {"lora": "LoRA", "ia3": "IA³", "loha": "LoHa", "lokr": "LoKr", "adalora": "AdaLoRA", "vera": "VeRA",
+              "oft": "OFT", "boft": "BOFT", "fourierft": "FourierFT"}  # card tags -> names in prose
+
+
+def _repo_id_shaped(name) -> bool:
+    return isinstance(name, str) and REPO_ID.fullmatch(name) is not None and "--" not in name \
+        and ".." not in name and len(name) <= 96
+
+
 def is_hub_id(name: str | None) -> bool:
     """True for strings shaped like a Hub repo id (``gpt2``, ``org/name``) that are not an existing local path."""
-    if not name or os.path.exists(name) or name.startswith(("/", ".", "~", "pkg:")):
-        return False
-    return re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*(/[A-Za-z0-9][A-Za-z0-9_.\-]*)?", name) is not None \
-        and "--" not in name and ".." not in name
+    return _repo_id_shaped(name) and not os.path.exists(name)
+
+
+def dataset_id(path: str | None) -> str | None:
+    """``path`` when it names a Hub dataset (not a local-file builder such as json), else None."""
+    return path if is_hub_id(path) and path not in LOCAL_BUILDERS else None
 
 
 def reward_entries(reward_fn) -> list[dict]:
@@ -118,9 +133,7 @@ def trainer_card_metadata(trainer, merged: bool = False) -> dict:
         algorithm=trainer.config.algorithm, rewards=reward_entries(trainer.reward_fn),
         metrics=final_metrics(trainer.log_history), datasets=info.get("datasets"), peft_type=peft_type,
         tags=info.get("tags"), license=info.get("license"), language=info.get("language"))
-    if merged and peft_type is not None:
-        meta = merged_metadata({**meta, "tags": meta["tags"] + [peft_type.lower()]})
-    return meta
+    return merged_metadata(meta) if merged and peft_type is not None else meta
 
 
 def render_model_card(meta: dict, repo_id: str | None = None, config: dict | None = None, folder: str | None = None):
@@ -183,12 +196,7 @@ def render_model_card(meta: dict, repo_id: str | None = None, config: dict | Non
 
 
 def _peft_name(meta: dict) -> str:
-    known = {"lora": "LoRA", "ia3": "IA³", "loha": "LoHa", "lokr": "LoKr", "adalora": "AdaLoRA", "vera": "VeRA",
-             "oft": "OFT", "boft": "BOFT", "fourierft": "FourierFT"}
-    for tag in meta.get("tags", []):
-        if tag in known:
-            return known[tag]
-    return "PEFT"
+    return next((PEFT_NAMES[t] for t in meta.get("tags", []) if t in PEFT_NAMES), "PEFT")
 
 
 def _versions() -> list[tuple[str, str]]:
@@ -286,8 +294,7 @@ def check_can_push(repo_id: str, token: str | None, folder: str, network: bool =
     """Problems found before any network call: a malformed repo id, then (``network``) offline mode, no token."""
     from huggingface_hub import constants, get_token
 
-    if not isinstance(repo_id, str) or not re.fullmatch(r"[A-Za-z0-9][\w.\-]*(/[A-Za-z0-9][\w.\-]*)?", repo_id) \
-            or "--" in repo_id or ".." in repo_id or len(repo_id) > 96:
+    if not _repo_id_shaped(repo_id):
         raise HubError(f"{repo_id!r} is not a Hub repo id; use 'your-name/model-name'")
     if not network:
         return
@@ -375,10 +382,9 @@ def folder_metadata(folder: str) -> dict:
 
 def merged_metadata(meta: dict) -> dict:
     """Card metadata of the merged (full) model made from an adapter with metadata ``meta``."""
-    peft_tags = {"lora", "ia3", "loha", "lokr", "adalora", "vera", "oft", "boft", "fourierft"}
     out = dict(meta)
     out["library_name"] = "transformers"
-    out["tags"] = [t for t in meta.get("tags", []) if t not in peft_tags] + ["merged-adapter"]
+    out["tags"] = [t for t in meta.get("tags", []) if t not in PEFT_NAMES] + ["merged-adapter"]
     return out
 
 

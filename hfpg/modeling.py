@@ -322,7 +322,7 @@ def peft_config_from_dict(spec: dict, where: str = "model.peft"):
     from peft import PeftConfig
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
-    from .config import ConfigError
+    from .config import ConfigError, unknown_key_problems
 
     if isinstance(spec, PeftConfig):
         return spec
@@ -337,13 +337,8 @@ def peft_config_from_dict(spec: dict, where: str = "model.peft"):
         hint = f"did you mean {close[0]}?" if close else f"peft offers {known_types}"
         raise ConfigError(f"{where}.peft_type={spec.get('peft_type')!r} is not a peft method; {hint}")
     cls = PEFT_TYPE_TO_CONFIG_MAPPING[peft_type]
-    fields = [f.name for f in dataclasses.fields(cls)]
-    problems = []
-    for key in values:
-        if key not in fields:
-            close = difflib.get_close_matches(key, fields, n=1)
-            problems.append(f"unknown key {where}.{key} for {cls.__name__}"
-                            + (f"; did you mean {where}.{close[0]}?" if close else ""))
+    problems = unknown_key_problems(values, [f.name for f in dataclasses.fields(cls)], f"{where}.",
+                                    f" ({cls.__name__} has no such key)")
     if problems:
         raise ConfigError("; ".join(problems), problems)
     try:

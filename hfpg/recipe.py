@@ -22,7 +22,6 @@ Overrides use dotted keys: ``model.name_or_path=./tiny``, ``data.max_train_sampl
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import importlib.util
 import os
 import re
@@ -32,7 +31,7 @@ from typing import Any, Iterable
 
 import yaml
 
-from .config import ConfigError, PGConfig
+from .config import ConfigError, PGConfig, unknown_key_problems
 from .data import DataError
 
 
@@ -152,11 +151,7 @@ def recipe_from_dict(raw: dict, path: str | None = None) -> Recipe:
             problems.append(f"{name} must be a mapping, got {values!r}")
             values = {}
         known = [f.name for f in dataclasses.fields(cls)]
-        for key in values:
-            if key not in known:
-                close = difflib.get_close_matches(key, known, n=1)
-                hint = f"; did you mean {name}.{close[0]}?" if close else f"; {name} keys are {known}"
-                problems.append(f"unknown key {name}.{key}{hint}")
+        problems += unknown_key_problems(values, known, f"{name}.", f"; {name} keys are {known}")
         sections[name] = cls(**{k: v for k, v in values.items() if k in known})
     if not sections["model"].name_or_path:
         problems.append("model.name_or_path is required (a Hub id, a local folder or pkg:<package>)")

@@ -15,7 +15,6 @@ input_format: completion            # as RewardModelReward: concat | completion 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import math
 import os
@@ -27,7 +26,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from .config import ConfigError
+from .config import ConfigError, unknown_key_problems
 from .data import DataError
 
 OBJECTIVES = ("pairwise", "regression")
@@ -110,19 +109,17 @@ class RMConfig:
 
     @classmethod
     def from_dict(cls, raw: dict, base_dir: str | None = None) -> "RMConfig":
-        known = [f.name for f in dataclasses.fields(cls) if f.name != "base_dir"]
-        problems = []
-        for key in raw:
-            if key not in known:
-                close = difflib.get_close_matches(key, known, n=1)
-                problems.append(f"unknown key {key}" + (f"; did you mean {close[0]}?" if close else ""))
-        values = {k: v for k, v in raw.items() if k in known}
-        for f in dataclasses.fields(cls):  # YAML reads 2e-4 (no dot) as a string
-            if f.name in values and str(f.type).startswith("float") and isinstance(values[f.name], str):
-                try:
-                    values[f.name] = float(values[f.name])
-                except ValueError:
-                    problems.append(f"{f.name}={values[f.name]!r} must be a number")
+        from .config import _coerce
+
+        fields = {f.name: f.type for f in dataclasses.fields(cls) if f.name != "base_dir"}
+        problems = unknown_key_problems(raw, fields)
+        values = {}
+        for key in raw.keys() & fields.keys():  # YAML reads 2e-4 (no dot) as a string, etc.
+            values[key], error = _coerce(key, raw[key], fields[key])
+            if error:
+                problems.append(error)
+        if problems:
+            raise ConfigError("invalid reward-model config:\n" + "\n".join(f"  - {p}" for p in problems), problems)
         config = cls(**values, base_dir=base_dir)
         problems += config.problems()
         if problems:
@@ -361,17 +358,16 @@ def write_card(folder: str, cfg: RMConfig, metrics: dict, n_train: int, n_eval: 
     """``README.md`` with YAML metadata and a usage snippet for a trained reward model."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    from .hub import is_hub_id
+    from .hub import dataset_id, is_hub_id
 
     base = cfg.model.get("hub_base_model") or (cfg.model["name_or_path"] if is_hub_id(cfg.model["name_or_path"])
                                                 else None)
-    datasets = [cfg.data["path"]] if is_hub_id(cfg.data.get("path")) and cfg.data["path"] not in (
-        "json", "csv", "parquet", "text") else None
+    dataset = dataset_id(cfg.data.get("path"))
     shown = {k.removeprefix("eval_"): round(v, 4) for k, v in metrics.items()
              if k.startswith("eval_") and not k.endswith(("runtime", "per_second"))}
     data = ModelCardData(base_model=base, library_name="transformers", pipeline_tag="text-classification",
                          tags=["hfpg", "reward-model", "bradley-terry" if cfg.objective == "pairwise" else
-                               "regression"], datasets=datasets, eval_metrics=shown)
+                               "regression"], datasets=[dataset] if dataset else None, eval_metrics=shown)
     what = ("pairs of responses (Bradley-Terry: chosen scored above rejected)" if cfg.objective == "pairwise"
             else "rated texts (regression on the score)")
     lines = [f"# {os.path.basename(os.path.dirname(os.path.abspath(folder)))}", "",

@@ -16,15 +16,11 @@ import os
 import yaml
 from transformers import set_seed
 
-from .hub import is_hub_id, push_model_folder
+from .hub import dataset_id, is_hub_id, push_model_folder
 from .recipe import Recipe, load_prompts, load_tokenizer_and_model
 from .report import SampleLogger, plot_curves, sample_table, write_report
 from .rewards.registry import build_reward
 from .trainer import PGTrainer
-
-# datasets.load_dataset builders that read local files: not a dataset to name in a model card
-LOCAL_BUILDERS = {"json", "csv", "parquet", "text", "arrow", "pandas", "generator", "imagefolder", "audiofolder",
-                  "webdataset", "sql"}
 
 
 class RecipeRun:
@@ -62,7 +58,7 @@ class RecipeRun:
             card["base_model"] = spec.hub_base_model
         elif is_hub_id(spec.name_or_path) and not spec.gguf_file:
             card["base_model"] = spec.name_or_path
-        if is_hub_id(data.path) and data.path not in LOCAL_BUILDERS:
+        if dataset_id(data.path):
             card["datasets"] = [data.path]
 
     def evaluate(self, tag: str) -> dict[str, float] | None:

@@ -185,3 +185,12 @@ def test_the_entry_script_in_reward_models_runs_like_the_cli(tmp_path, backbone)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout[proc.stdout.rindex('{\n  "metrics"'):])  # after the Trainer's own log lines
     assert 0.0 <= result["metrics"]["eval_accuracy"] <= 1.0 and result["paths"]["model"].endswith("final")
+
+
+def test_a_reward_model_folder_that_is_not_there_fails_when_the_reward_is_built(tmp_path):
+    from hfpg.rewards.registry import build_reward
+
+    with pytest.raises(ValueError, match="model folder 'outputs/rm/final' does not exist"):
+        build_reward([{"name": "reward_model", "kwargs": {"model": "outputs/rm/final"}}], base_dir=str(tmp_path))
+    reward = build_reward([{"name": "reward_model", "kwargs": {"model": "org/some-rm"}}])  # a Hub id loads lazily
+    assert reward.names == ["reward_model"]

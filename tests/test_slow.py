@@ -19,16 +19,19 @@ from hfpg import AutoModelForCausalLMWithValueHead
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def run_benchmark(script: str, out: Path, *args: str) -> tuple[str, dict]:
+    """Run ``benchmarks/<script>`` on the CPU with ``--json out``; (stdout, the JSON it wrote)."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args, "--device", "cpu", "--json",
+                           str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout, json.loads(out.read_text())
+
+
 @pytest.mark.slow
 def test_benchmark_script_times_every_phase(tmp_path):
-    out = tmp_path / "bench.json"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bench_phases.py"), "--batch-size", "8", "--max-new-tokens", "8",
-         "--steps", "2", "--device", "cpu", "--json", str(out)],
-        capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "generate" in proc.stdout and "tokens/s" in proc.stdout
-    result = json.loads(out.read_text())
+    stdout, result = run_benchmark("bench_phases.py", tmp_path / "bench.json", "--batch-size", "8",
+                                   "--max-new-tokens", "8", "--steps", "2")
+    assert "generate" in stdout and "tokens/s" in stdout
     text = json.dumps(result)
     for phase in ("time/generate", "time/policy_forward", "time/ref_forward", "time/reward", "time/update",
                   "time/step"):
@@ -37,17 +40,13 @@ def test_benchmark_script_times_every_phase(tmp_path):
 
 @pytest.mark.slow
 def test_peft_memory_benchmark_compares_full_and_lora_side_by_side(tmp_path):
-    out = tmp_path / "mem.json"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bench_peft_memory.py"), "--model", "tiny-gpt2", "--repeats", "1",
-         "--steps", "1", "--device", "cpu", "--json", str(out)],
-        capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = json.loads(out.read_text())["rows"]
+    stdout, result = run_benchmark("bench_peft_memory.py", tmp_path / "mem.json", "--model", "tiny-gpt2",
+                                   "--repeats", "1", "--steps", "1")
+    rows = result["rows"]
     assert rows["separate reference parameters"]["lora"] == 0 < rows["separate reference parameters"]["full"]
     assert 0 < rows["trainable parameters"]["lora"] < rows["trainable parameters"]["full"]
     assert rows["peak memory (MiB)"]["full"] > 0 and rows["peak memory (MiB)"]["lora"] > 0
-    assert "LoRA / full" in proc.stdout
+    assert "LoRA / full" in stdout
 
 
 @pytest.mark.slow

@@ -136,8 +136,10 @@ def build_reward_part(spec: dict | str, base_dir: str | None = None):
                 kwargs[key] = os.path.join(base_dir, value)
         model_kwargs = kwargs.get("model_kwargs") or {}
         model = kwargs.get("model")
+        from ..hub import is_hub_id
+
         if isinstance(model, str) and not model.startswith("pkg:") and not os.path.exists(model) \
-                and (os.path.isabs(model) or model.startswith(".") or model.count("/") > 1):
+                and not is_hub_id(model):  # a local path that is not there (a Hub id downloads later)
             raise ValueError(f"reward {spec.get('label') or name!r}: model folder {model!r} does not exist (relative "
                              f"paths are tried from the working directory, then next to the recipe); train or "
                              f"download it first")
