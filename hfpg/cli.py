@@ -46,6 +46,10 @@ def _train(args) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     paths = train_recipe(recipe)
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:  # under accelerate launch / torchrun: one summary, from rank 0
+        return 0
     print("\nhfpg: run finished")
     for name, path in paths.items():
         print(f"  {name:8s} {path}")

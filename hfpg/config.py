@@ -75,6 +75,10 @@ class PGConfig:
     max_grad_norm: float | None = _f(1.0, "Clip the global gradient norm to this (None = no clipping).")
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass to save memory.")
     mixed_precision: str = _f("no", "Accelerate mixed precision.", choices=("no", "fp16", "bf16"))
+    gather_for_generation: bool = _f(
+        True, "ZeRO-3 / FSDP: gather the full policy once per rollout instead of layer by layer for every token "
+        "(fast; needs one full copy of the weights per device while sampling)."
+    )
 
     # --- PPO ----------------------------------------------------------------------------------------------------
     clip_range: float = _f(0.2, "PPO ratio clip ε: the surrogate uses clip(r, 1-ε, 1+ε).")

@@ -166,6 +166,11 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
         return self.pretrained_model.config
 
     @property
+    def _no_split_modules(self) -> list[str] | None:
+        """The decoder-layer classes, read by FSDP's transformer-based wrapping (and ``device_map="auto"``)."""
+        return getattr(self.pretrained_model, "_no_split_modules", None)
+
+    @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
 

@@ -271,6 +271,9 @@ def load_tokenizer_and_model(spec: ModelSpec):
 
 
 # ---- data ------------------------------------------------------------------------------------------------------------
+FILE_BUILDERS = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet", "txt": "text"}
+
+
 def _local(path_or_paths, base_dir: str):
     """Relative data files are tried from the working directory, then next to the recipe."""
     if isinstance(path_or_paths, str):
@@ -318,11 +321,15 @@ def load_prompts(spec: DataSpec, tokenizer, base_dir: str = ".", seed: int = 0):
     import datasets
 
     kwargs = {"name": spec.name} if spec.name else {}
+    path = spec.path
     if spec.data_files is not None:
         kwargs["data_files"] = _local(spec.data_files, base_dir)
+    elif os.path.splitext(path)[1].lstrip(".") in FILE_BUILDERS and os.path.isfile(_local(path, base_dir)):
+        # `path: prompts.jsonl` names a local file, not a Hub dataset: load it with the builder of its type
+        path, kwargs["data_files"] = FILE_BUILDERS[os.path.splitext(path)[1].lstrip(".")], _local(path, base_dir)
     try:
-        train = datasets.load_dataset(spec.path, split=spec.split, **kwargs)
-        evals = datasets.load_dataset(spec.path, split=spec.eval_split, **kwargs) if spec.eval_split else None
+        train = datasets.load_dataset(path, split=spec.split, **kwargs)
+        evals = datasets.load_dataset(path, split=spec.eval_split, **kwargs) if spec.eval_split else None
     except FileNotFoundError as e:
         raise DataError(f"data: {e}") from None
     except ValueError as e:  # unknown split, bad builder arguments

@@ -7,7 +7,7 @@ response tokens (right-padded after the first stop token).
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Sequence
 
 import torch
@@ -42,6 +42,22 @@ class Rollout:
     @property
     def batch_size(self) -> int:
         return self.response_ids.shape[0]
+
+    def select(self, rows: slice | Sequence[int]) -> "Rollout":
+        """The rollout of ``rows`` only (e.g. one process's shard of a global batch); widths are kept."""
+        index = list(range(self.batch_size))[rows] if isinstance(rows, slice) else list(rows)
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor):
+                value = value[torch.tensor(index, dtype=torch.long, device=value.device)]
+            elif isinstance(value, list):
+                value = [value[i] for i in index] if value else []
+            elif isinstance(value, dict):
+                value = {k: (v[torch.tensor(index, dtype=torch.long, device=v.device)] if isinstance(v, torch.Tensor)
+                             else [v[i] for i in index]) for k, v in value.items()}
+            out[f.name] = value
+        return Rollout(**out)
 
 
 def concat_rollouts(rollouts: list[Rollout], pad_token_id: int) -> Rollout:

@@ -14,8 +14,10 @@ import json
 import os
 
 import yaml
+from accelerate import PartialState
 from transformers import set_seed
 
+from .distributed import accelerator_kwargs
 from .hub import dataset_id, is_hub_id, push_model_folder
 from .recipe import Recipe, load_prompts, load_tokenizer_and_model
 from .report import SampleLogger, plot_curves, sample_table, write_report
@@ -31,17 +33,21 @@ class RecipeRun:
         self.recipe = recipe
         cfg = recipe.training
         self.output_dir = cfg.output_dir
-        os.makedirs(self.output_dir, exist_ok=True)
-        with open(os.path.join(self.output_dir, "config.yaml"), "w") as f:
-            yaml.safe_dump(recipe.to_dict(), f, sort_keys=False)
+        state = PartialState(**accelerator_kwargs())  # this process's rank under a launcher; the Accelerator reuses it
+        if state.is_main_process:
+            os.makedirs(self.output_dir, exist_ok=True)
+            with open(os.path.join(self.output_dir, "config.yaml"), "w") as f:
+                yaml.safe_dump(recipe.to_dict(), f, sort_keys=False)
         if reward_fn is None:  # built (lazily: no model loads) before the policy, so a bad reward fails fast
             reward_fn = build_reward(cfg.rewards, cfg.reward_normalize, cfg.reward_clip, cfg.reward_nonfinite,
                                      base_dir=recipe.base_dir)
         else:
             cfg.rewards = []
         set_seed(cfg.seed)  # new weights (a LoRA adapter's init, a fresh value head) are reproducible too
-        self.tokenizer, model, ref_model = load_tokenizer_and_model(recipe.model)
-        self.train_dataset, self.eval_dataset = load_prompts(recipe.data, self.tokenizer, recipe.base_dir, cfg.seed)
+        with state.main_process_first():  # caches (GGUF de-quantisation, datasets) are written once, by rank 0
+            self.tokenizer, model, ref_model = load_tokenizer_and_model(recipe.model)
+            self.train_dataset, self.eval_dataset = load_prompts(recipe.data, self.tokenizer, recipe.base_dir,
+                                                                 cfg.seed)
         samples = SampleLogger(os.path.join(self.output_dir, "samples.jsonl"), recipe.report.samples_every,
                                recipe.report.num_samples)
         self.trainer = PGTrainer(model, self.tokenizer, cfg, train_dataset=self.train_dataset,

@@ -22,6 +22,7 @@ from .algorithms.common import global_sum
 from .callbacks import TrainerCallback
 from .config import ConfigError, PGConfig
 from .data import DataError, PromptSampler, as_dataset, check_prompts
+from .distributed import accelerator_kwargs, check_backend, check_launch, configure_deepspeed, full_weights
 from .kl import build_kl_controller
 from .metrics import component_metrics, step_metrics
 from .modeling import (AutoModelForCausalLMWithValueHead, adalora_step_hook, create_reference_model, disable_dropout,
@@ -69,8 +70,11 @@ class PGTrainer:
             log_with=config.report_to or None,
             project_config=ProjectConfiguration(project_dir=config.output_dir,
                                                 logging_dir=os.path.join(config.output_dir, "runs")),
+            **accelerator_kwargs(),
         )
+        check_launch(self.accelerator)
         config.check_for(self.accelerator.num_processes)
+        check_backend(self.accelerator, config)
         set_seed(config.seed, device_specific=True)  # seed + process index: processes sample differently
 
         if isinstance(model, str):
@@ -98,6 +102,8 @@ class PGTrainer:
                 check_prompts(ds, name, config.prompt_column, tokenizer, config.max_prompt_length,
                               config.max_new_tokens, self._context_length)
 
+        if not config.uses_critic:  # untrained and unused: DDP would wait for its gradients and never reduce them
+            model.v_head.requires_grad_(False)
         if config.disable_dropout:
             disable_dropout(model)
         if isinstance(ref_model, str):
@@ -130,6 +136,7 @@ class PGTrainer:
             scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=config.warmup_steps,
                                       num_training_steps=self.num_optimizer_steps)
         # The scheduler is not prepared: Accelerate would step it once per process.
+        configure_deepspeed(self.accelerator, config)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.scheduler = scheduler
         self.kl_ctl = build_kl_controller(config)
@@ -238,15 +245,21 @@ class PGTrainer:
         rollout.staleness = torch.zeros(rollout.batch_size, device=self.accelerator.device)
         if self.replay is None:
             return rollout, scores, {}
-        return mix_in_replay(self.replay, rollout, scores, self.unwrapped_model, self.config, self.accelerator,
-                             self.tokenizer.pad_token_id, self.global_step)
+        with full_weights(self.model, self.accelerator, self.config.gather_for_generation) as policy:
+            return mix_in_replay(self.replay, rollout, scores, policy, self.config, self.accelerator,
+                                 self.tokenizer.pad_token_id, self.global_step)
 
     @torch.no_grad()
     def make_rollout(self, rows: list[dict]) -> tuple[Rollout, dict[str, float]]:
-        """Generate for ``rows`` and attach logprobs, values, reference logprobs and scores. (B = len(rows))."""
+        """Generate for ``rows`` and attach logprobs, values, reference logprobs and scores. (B = len(rows)).
+
+        Every process calls it together (a sharded policy is gathered once for the whole rollout)."""
+        with full_weights(self.model, self.accelerator, self.config.gather_for_generation) as policy:
+            return self._rollout(policy, rows)
+
+    def _rollout(self, policy, rows: list[dict]) -> tuple[Rollout, dict[str, float]]:
         cfg, acc = self.config, self.accelerator
         prompts = [r[cfg.prompt_column] for r in rows]
-        policy = self.unwrapped_model
         policy.eval()  # no dropout and no gradient checkpointing during generation
         timings = {}
         clock = self._clock
@@ -338,11 +351,12 @@ class PGTrainer:
         output_dir = output_dir or self.config.output_dir
         merge = self.config.merge_adapter if merge is None else merge
         self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
-            self.unwrapped_model.save_pretrained(output_dir, merge=merge)
-            self.tokenizer.save_pretrained(output_dir)
-            self.config.to_yaml(os.path.join(output_dir, hub.CONFIG_FILE))
-            self.create_model_card(output_dir, merged=merge)
+        with full_weights(self.model, self.accelerator) as policy:  # ZeRO-3 / FSDP: every process gathers
+            if self.accelerator.is_main_process:
+                policy.save_pretrained(output_dir, merge=merge)
+                self.tokenizer.save_pretrained(output_dir)
+                self.config.to_yaml(os.path.join(output_dir, hub.CONFIG_FILE))
+                self.create_model_card(output_dir, merged=merge)
         self.accelerator.wait_for_everyone()
         return output_dir
 

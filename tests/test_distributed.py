@@ -49,3 +49,131 @@ def test_evaluate_and_save_work_after_training_with_trackers(two_ranks, tmp_path
     assert m0["eval/num_samples"] == 5  # 3 rows on rank 0, 2 on rank 1
     assert (out / "final" / "value_head.safetensors").is_file()
     assert list((out / "run" / "runs").rglob("events.out.tfevents.*"))  # written once, by the main process
+
+
+# ---- 2 processes vs 1: the same update, learning, resume (tests/scripts/multi_process_checks.py) -------------------
+CHECKS = Path(__file__).parent / "scripts" / "multi_process_checks.py"
+
+
+def _torchrun(mode: str, out: Path) -> list[dict]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env.pop("ACCELERATE_USE_CPU", None)  # plain torchrun on a CPU machine must form the group by itself
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(CHECKS), mode,
+           str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return [json.loads((out / f"{mode}.rank{r}.json").read_text()) for r in (0, 1)]
+
+
+@pytest.fixture(scope="module")
+def checks_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("multi_process_checks", CHECKS)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def equivalence_runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("equivalence")
+    return out, _torchrun("equivalence", out)
+
+
+@pytest.mark.parametrize("variant", ["ppo", "rloo"])
+def test_two_process_update_equals_the_one_process_update(variant, equivalence_runs, checks_module, tmp_path):
+    """Same global batch, same seed and weights: 2 processes × 4 sequences give the update of 1 process × 8 — with
+    shards of different token counts, whitened scores/advantages, gradient accumulation, clipping and 2 epochs."""
+    import torch
+
+    out2, (r0, r1) = equivalence_runs
+    one = checks_module.equivalence(str(tmp_path), variant)  # this process, alone
+    assert one["num_processes"] == 1 and r0[variant]["num_processes"] == 2
+    lengths = one["response_lengths"]
+    assert r0[variant]["response_lengths"] == lengths  # the same global batch was sampled everywhere
+    assert sum(lengths[:4]) != sum(lengths[4:])  # the shards hold different numbers of tokens
+    w1 = torch.load(tmp_path / f"eq-{variant}.rank0.pt")
+    w2 = [torch.load(out2 / f"eq-{variant}.rank{r}.pt") for r in (0, 1)]
+    assert torch.equal(w1["before"], w2[0]["before"])
+    assert torch.equal(w2[0]["after"], w2[1]["after"])  # DDP kept the replicas identical
+    step1, step2 = w1["after"] - w1["before"], w2[0]["after"] - w2[0]["before"]
+    assert step1.abs().max() > 1e-2  # a real update ...
+    assert (step2 - step1).abs().max() < 1e-6  # ... and the same one
+    m1, m2 = one["metrics"], r0[variant]["metrics"]
+    untimed = [k for k in m1 if not k.startswith("time/") and k != "tokens_per_second"]  # wall times are local
+    assert {k: m2[k] for k in untimed} == {k: r1[variant]["metrics"][k] for k in untimed}  # reduced everywhere
+    for key in untimed:
+        assert m2[key] == pytest.approx(m1[key], rel=1e-5, abs=1e-5), key  # global means, as on one process
+    assert "policy/grad_norm" in untimed and "loss/policy" in untimed
+
+
+@pytest.fixture(scope="module")
+def learn_runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("learn")
+    return out, _torchrun("learn", out)
+
+
+def test_a_short_two_process_run_learns(learn_runs):
+    out, (r0, r1) = learn_runs
+    scores = r0["scores"]
+    start, end = sum(scores[:3]) / 3, sum(scores[-3:]) / 3
+    assert start < 0.05 and end > 0.5, scores
+    assert r0["scores"] == r1["scores"]  # reduced over both processes
+    # rewards are computed where the samples are: each process scores its 16 of the 32 sequences
+    assert r0["reward_calls"] == r1["reward_calls"] == [16]
+    # the logged score is the mean over both processes' samples
+    local = r0["local_last_scores"] + r1["local_last_scores"]
+    assert scores[-1] == pytest.approx(sum(local) / len(local), rel=1e-6)
+    ckpt = out / "learn" / "checkpoint-30"
+    assert (ckpt / "trainer_state.json").is_file()
+    assert {p.name for p in ckpt.glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
+    assert len(list(ckpt.glob("model*.safetensors"))) == 1  # the model is written once
+
+
+@pytest.fixture(scope="module")
+def resume_runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("resume")
+    return out, _torchrun("resume", out)
+
+
+def test_two_process_resume_continues_exactly(resume_runs):
+    _, (r0, r1) = resume_runs
+    for r in (r0, r1):
+        assert r["same_weights"]
+        assert r["resumed_steps"] == [3, 4]
+        assert r["resumed"] == r["straight"]
+
+
+def test_a_recipe_runs_under_torchrun_with_two_processes(tmp_path):
+    """`torchrun -m hfpg train recipe.yaml`: one run directory, written once, with checkpoints, report and model."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from conftest import make_tokenizer, tiny_gpt2
+
+    tok = make_tokenizer()
+    tiny_gpt2(tok).save_pretrained(tmp_path / "tiny")
+    tok.save_pretrained(tmp_path / "tiny")
+    prompts = ["the cat", "a good day", "hello world", "policy gradient", "the dog", "good food", "tiny", "models"]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    (tmp_path / "reward.py").write_text("def length(prompts, completions, **kw):\n"
+                                        "    return [len(c) / 10 for c in completions]\n")
+    (tmp_path / "tiny.yaml").write_text(
+        "model: {name_or_path: tiny}\ndata: {path: prompts.jsonl, eval_size: 4}\n"
+        "rewards: [{name: reward.py:length, weight: 1.0}]\n"
+        "output_dir: out\nmax_steps: 3\nrollout_batch_size: 8\nmini_batch_size: 4\nppo_epochs: 2\n"
+        "max_new_tokens: 6\nsave_steps: 2\nlearning_rate: 1.0e-3\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env.pop("ACCELERATE_USE_CPU", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "hfpg",
+           "train", "tiny.yaml"]
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.count("hfpg: run finished") == 1  # the summary comes from rank 0 only
+    out = tmp_path / "out"
+    for name in ("config.yaml", "metrics.jsonl", "report.md", "eval.json", "final/model.safetensors",
+                 "final/value_head.safetensors", "final/README.md", "checkpoint-2/trainer_state.json"):
+        assert (out / name).is_file(), name
+    train_lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"objective/' in x]
+    assert [r["step"] for r in train_lines] == [1, 2, 3]  # logged once per step, not once per process
+    evals = json.loads((out / "eval.json").read_text())
+    assert evals["before"]["eval/num_samples"] == 4  # the held-out prompts, split over both processes

@@ -151,3 +151,21 @@ def test_tokens_after_a_custom_stop_token_become_padding(tokenizer):
     assert (resp[0, 1:] == tokenizer.pad_token_id).all()
     assert mask[1].all()
     assert has_stop.tolist() == [True, False]
+
+
+def test_rollout_select_keeps_the_rows_asked_for():
+    import torch
+
+    from hfpg.rollout import Rollout
+
+    r = Rollout(query_ids=torch.arange(8).view(4, 2), query_mask=torch.ones(4, 2, dtype=torch.bool),
+                response_ids=torch.arange(12).view(4, 3), response_mask=torch.ones(4, 3, dtype=torch.bool),
+                has_stop=torch.tensor([True, False, True, False]), scores=torch.tensor([0.0, 1.0, 2.0, 3.0]),
+                components={"a": torch.tensor([5.0, 6.0, 7.0, 8.0])}, prompts=["p0", "p1", "p2", "p3"],
+                completions=["c0", "c1", "c2", "c3"], columns={"row": [0, 1, 2, 3]})
+    s = r.select(slice(2, 4))
+    assert s.batch_size == 2 and s.response_ids.tolist() == [[6, 7, 8], [9, 10, 11]]
+    assert s.scores.tolist() == [2.0, 3.0] and s.components["a"].tolist() == [7.0, 8.0]
+    assert s.prompts == ["p2", "p3"] and s.completions == ["c2", "c3"] and s.columns == {"row": [2, 3]}
+    assert s.logprobs is None and s.has_stop.tolist() == [True, False]
+    assert r.select([3, 0]).columns["row"] == [3, 0]

@@ -14,6 +14,7 @@ import contextlib
 import torch
 
 from .. import ops
+from ..distributed import is_deepspeed
 from ..rollout import sequence_forward
 from .advantages import MovingAverageBaseline, compute_advantages
 from .common import MetricSums, global_sum
@@ -61,6 +62,7 @@ class MinibatchPolicyGradient:
         micro = mb_size // cfg.gradient_accumulation_steps
         b_mask = rollout.response_mask
         stats = MetricSums()
+        deepspeed = is_deepspeed(accelerator)
         early_stopped, epochs_done, n_updates = False, 0, 0
         model.train()
         for _epoch in range(self.epochs):
@@ -75,12 +77,16 @@ class MinibatchPolicyGradient:
                     idx = mb_idx[micro_start : micro_start + micro]
                     last = k == cfg.gradient_accumulation_steps - 1
                     sync = contextlib.nullcontext() if last else accelerator.no_sync(model)
+                    if deepspeed:  # the engine steps (clip, optimizer, zero_grad) at the boundary Accelerate reports
+                        accelerator.gradient_state._set_sync_gradients(last)
                     with sync:
                         self._micro_step(model, accelerator, rollout, advantages, returns, idx, normaliser, kl_coef,
                                          stats, mb_kl)
                 if cfg.max_grad_norm is not None:
+                    # DeepSpeed clips inside its engine step and returns the norm it measured
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                    stats.add("policy/grad_norm", float(grad_norm), 1.0 / P)  # same on every process
+                    if grad_norm is not None:
+                        stats.add("policy/grad_norm", float(grad_norm) / P, 1.0 / P)  # global norm, same everywhere
                 optimizer.step()
                 scheduler.step()
                 if self.after_optimizer_step is not None:  # e.g. AdaLoRA's rank allocation (reads gradients)
@@ -124,6 +130,8 @@ class MinibatchPolicyGradient:
             loss_tok = loss_tok + kl_coef * kl_tok
             pstats["loss/kl"] = kl_tok.detach()
         loss = ops.masked_sum(loss_tok, mask) / normaliser
+        if is_deepspeed(accelerator):  # the engine divides by its gradient_accumulation_steps; ours already counts
+            loss = loss * cfg.gradient_accumulation_steps
         accelerator.backward(loss)
         with torch.no_grad():
             n = mask.sum().float()
