@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: help venv install test test-slow test-all demo rm-demo bench bench-peft clean
+.PHONY: help venv install test test-slow test-all demo rm-demo bench bench-peft bench-trl clean
 
 help:
 	@echo "make test       create .venv, install hfpg[dev], run the fast test suite"
@@ -17,6 +17,7 @@ help:
 	@echo "make rm-demo    train a MiniLM reward model on shipped preference pairs, then PPO against it (offline, ~10 min)"
 	@echo "make bench      time each phase of a PPO step on a tiny model"
 	@echo "make bench-peft peak memory and step time of PPO with and without LoRA (SmolLM2-135M, about 3 min)"
+	@echo "make bench-trl  hfpg vs TRL RLOO/GRPO trainers at equal work: step time, memory (creates .venv-peers, ~2 min)"
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -62,5 +63,23 @@ bench: $(VENV)/.installed
 bench-peft: $(VENV)/.installed-demo
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_peft_memory.py
 
+# Peers for side-by-side benchmarks live in their own environment, never in hfpg's dependencies. TRL's
+# transformers/accelerate/datasets/tokenizers are pinned to the versions installed in .venv, so only the trainer differs.
+PEERS_VENV ?= .venv-peers
+PEERS_PY := $(PEERS_VENV)/bin/python
+TRL_SPEC ?= trl==1.16.0
+PEERS_PINS ?= $$($(PIP) freeze | grep -iE '^(transformers|accelerate|datasets|tokenizers)==')
+BENCH_TRL_ARGS ?=
+
+$(PEERS_VENV)/.installed: $(VENV)/.installed
+	test -x $(PEERS_PY) || $(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_PY) -m pip install --quiet --upgrade pip
+	$(PEERS_PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PEERS_PY) -m pip install --quiet "$(TRL_SPEC)" $(PEERS_PINS)
+	touch $@
+
+bench-trl: $(VENV)/.installed $(PEERS_VENV)/.installed
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_trl.py --peers-python $(PEERS_PY) $(BENCH_TRL_ARGS)
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(PEERS_VENV) build *.egg-info .pytest_cache
