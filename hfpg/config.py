@@ -75,6 +75,10 @@ class PGConfig:
     max_grad_norm: float | None = _f(1.0, "Clip the global gradient norm to this (None = no clipping).")
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass to save memory.")
     mixed_precision: str = _f("no", "Accelerate mixed precision.", choices=("no", "fp16", "bf16"))
+    fuse_policy_forward: bool = _f(
+        True, "When an update is one optimizer step over the whole batch (REINFORCE or ppo_epochs=1, one minibatch, "
+        "no accumulation/replay), take the rollout's old logprobs from the update's forward: one forward fewer."
+    )
     gather_for_generation: bool = _f(
         True, "ZeRO-3 / FSDP: gather the full policy once per rollout instead of layer by layer for every token "
         "(fast; needs one full copy of the weights per device while sampling)."

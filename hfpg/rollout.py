@@ -179,12 +179,14 @@ def sequence_forward(
     temperature: float,
     with_values: bool,
     with_entropy: bool = False,
+    entropy_grad: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Response-token logprobs (and values, entropy) from ONE forward over prompt + response.
 
     Position t's logits predict token t+1, so the response is scored by logits ``[:, P-1:-1]``; only those
     T+1 positions are projected onto the vocabulary. Position ids come from the attention mask, so a left-padded
-    prompt scores exactly like the unpadded one. Returns tensors (B, T), zero on padding.
+    prompt scores exactly like the unpadded one. Returns tensors (B, T), zero on padding. ``entropy_grad=False``
+    measures the entropy without keeping a (B, T, V) graph for it.
     """
     input_ids = torch.cat([query_ids, response_ids], dim=1)
     attention_mask = torch.cat([query_mask.long(), response_mask.long()], dim=1)
@@ -198,7 +200,8 @@ def sequence_forward(
     mask = response_mask.bool()
     result = {"logprobs": torch.where(mask, ops.logprobs_from_logits(logits, response_ids, temperature), 0.0)}
     if with_entropy:
-        result["entropy"] = torch.where(mask, ops.entropy_from_logits(logits, temperature), 0.0)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and entropy_grad):
+            result["entropy"] = torch.where(mask, ops.entropy_from_logits(logits, temperature), 0.0)
     if with_values:
         values = out.values
         values = values[:, -(T + 1) : -1]  # the value of the state before each response token

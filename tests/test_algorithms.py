@@ -329,3 +329,61 @@ def test_resume_is_exact_with_replay_and_a_moving_average_baseline(tokenizer, tm
     a, b = params(straight.unwrapped_model), params(resumed.unwrapped_model)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+# ---- one forward fewer when the update is one step over the whole batch -------------------------------------------
+@pytest.mark.parametrize("overrides", [
+    dict(algorithm="reinforce", advantage_estimator="returns", baseline="leave_one_out", num_samples_per_prompt=2),
+    dict(algorithm="ppo", ppo_epochs=1, ent_coef=0.01),
+], ids=["reinforce-rloo", "ppo-1-epoch"])
+def test_fused_policy_forward_gives_the_same_update_with_one_forward_fewer(overrides, tokenizer, tmp_path,
+                                                                           monkeypatch):
+    """Same gradients and metrics with and without the separate no-grad forward (compared at the first optimizer
+    step: Adam turns float noise in near-zero gradients into full-size steps, so later weights are not comparable)."""
+    import hfpg.algorithms.ppo as ppo_module
+    import hfpg.trainer as trainer_module
+
+    calls = {"n": 0}
+    for module in (ppo_module, trainer_module):
+        original = module.sequence_forward
+
+        def counted(*args, _original=original, **kwargs):
+            calls["n"] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(module, "sequence_forward", counted)
+    runs = {}
+    for fuse in (True, False):
+        calls["n"] = 0
+        trainer = make_trainer(tokenizer, tmp_path / str(fuse), max_steps=1, mini_batch_size=8,
+                               fuse_policy_forward=fuse, **overrides)
+        assert trainer.fuses_policy_forward is fuse
+        grads, step = {}, trainer.optimizer.step
+
+        def capture(*args, _step=step, _trainer=trainer, _grads=grads, **kwargs):
+            _grads.update({n: p.grad.clone() for n, p in _trainer.unwrapped_model.named_parameters()
+                           if p.grad is not None})
+            return _step(*args, **kwargs)
+
+        trainer.optimizer.step = capture
+        trainer.train()
+        runs[fuse] = (grads, trainer.log_history[-1], calls["n"])
+    (g_fused, log_fused, n_fused), (g_plain, log_plain, n_plain) = runs[True], runs[False]
+    assert (n_plain, n_fused) == (3, 2)  # policy + reference + update forward  vs  reference + update
+    assert g_fused.keys() == g_plain.keys() and len(g_plain) > 10
+    for k in g_plain:
+        scale = g_plain[k].abs().max().item()
+        assert scale > 0 and (g_fused[k] - g_plain[k]).abs().max().item() <= 1e-4 * scale + 1e-9, k
+    for key in ("objective/scores", "objective/kl", "policy/entropy", "loss/policy", "policy/grad_norm"):
+        assert log_fused[key] == pytest.approx(log_plain[key], rel=1e-4, abs=1e-6), key
+    assert log_fused["policy/approxkl"] == pytest.approx(0.0, abs=1e-6)  # the ratio is exactly 1, as sampled
+
+
+def test_fused_policy_forward_only_when_exact(tokenizer, tmp_path):
+    assert not make_trainer(tokenizer, tmp_path / "a", mini_batch_size=4, ppo_epochs=1).fuses_policy_forward
+    assert not make_trainer(tokenizer, tmp_path / "b", mini_batch_size=8, ppo_epochs=2).fuses_policy_forward
+    assert not make_trainer(tokenizer, tmp_path / "c", mini_batch_size=8, ppo_epochs=1,
+                            gradient_accumulation_steps=2).fuses_policy_forward
+    assert not make_trainer(tokenizer, tmp_path / "d", mini_batch_size=8, ppo_epochs=1,
+                            disable_dropout=False).fuses_policy_forward
+    assert make_trainer(tokenizer, tmp_path / "e", mini_batch_size=8, ppo_epochs=1).fuses_policy_forward

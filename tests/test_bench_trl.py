@@ -130,7 +130,7 @@ def test_hfpg_worker_writes_results(tmp_path, tokenizer, monkeypatch):
     assert all(t > 0 for t in r["step_seconds"])
     assert r["completion_length_mean"] == 4.0  # min_new_tokens = max_new_tokens
     assert all(n > 4 * 4 for n in r["tokens_per_step"])  # 4 sequences x (prompt + 4 completion tokens)
-    assert r["peak_rss_mib"] >= r["setup_rss_mib"] > 0
+    assert r["peak_rss_mib"] > 0 and r["setup_rss_mib"] > 0  # (two different kernel counters: no ordering)
     assert r["params_reference"] > 0  # kl_coef > 0: a reference model is run
     assert set(r["phase_seconds"]) == {"generate", "policy_forward", "ref_forward", "reward", "rest"}
     assert {"hfpg", "torch", "transformers"} <= set(r["versions"])

@@ -53,8 +53,12 @@ class MinibatchPolicyGradient:
 
     # ---- the loop ---------------------------------------------------------------------------------------------------
     def update(self, model, optimizer, scheduler, accelerator, rollout, advantages: torch.Tensor,
-               returns: torch.Tensor, kl_coef: float = 0.0) -> dict[str, float]:
-        """``epochs`` × minibatches of optimizer steps. Returns global mean metrics."""
+               returns: torch.Tensor, kl_coef: float = 0.0, first_forward: dict | None = None) -> dict[str, float]:
+        """``epochs`` × minibatches of optimizer steps. Returns global mean metrics.
+
+        first_forward: the training forward over the whole local batch (rows in rollout order), already run to give
+        the rollout its logprobs — used by the first micro-batch instead of a second forward (see
+        ``PGTrainer.fuses_policy_forward``)."""
         cfg = self.config
         P = accelerator.num_processes
         B = rollout.batch_size
@@ -79,9 +83,12 @@ class MinibatchPolicyGradient:
                     sync = contextlib.nullcontext() if last else accelerator.no_sync(model)
                     if deepspeed:  # the engine steps (clip, optimizer, zero_grad) at the boundary Accelerate reports
                         accelerator.gradient_state._set_sync_gradients(last)
+                    out = None
+                    if first_forward is not None:  # the rows of idx, from the forward that is already done
+                        out, first_forward = {k: v[idx] for k, v in first_forward.items()}, None
                     with sync:
                         self._micro_step(model, accelerator, rollout, advantages, returns, idx, normaliser, kl_coef,
-                                         stats, mb_kl)
+                                         stats, mb_kl, out)
                 if cfg.max_grad_norm is not None:
                     # DeepSpeed clips inside its engine step and returns the norm it measured
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
@@ -107,14 +114,15 @@ class MinibatchPolicyGradient:
         return metrics
 
     def _micro_step(self, model, accelerator, rollout, advantages, returns, idx, normaliser, kl_coef,
-                    stats: MetricSums, mb_kl: MetricSums) -> None:
+                    stats: MetricSums, mb_kl: MetricSums, out: dict | None = None) -> None:
         cfg = self.config
         mask = rollout.response_mask[idx]
         need_entropy = cfg.ent_coef > 0
-        out = sequence_forward(
-            model, rollout.query_ids[idx], rollout.query_mask[idx], rollout.response_ids[idx], mask,
-            temperature=cfg.temperature, with_values=cfg.uses_critic, with_entropy=need_entropy,
-        )
+        if out is None:
+            out = sequence_forward(
+                model, rollout.query_ids[idx], rollout.query_mask[idx], rollout.response_ids[idx], mask,
+                temperature=cfg.temperature, with_values=cfg.uses_critic, with_entropy=need_entropy,
+            )
         weights = rollout.is_weights[idx] if rollout.is_weights is not None else torch.ones_like(out["logprobs"])
         loss_tok, pstats = self.policy_loss(out["logprobs"], rollout, idx, advantages, weights)
         if cfg.uses_critic:

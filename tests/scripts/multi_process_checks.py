@@ -82,7 +82,7 @@ def equivalence(out_dir: str, variant: str, lr: float = 0.5) -> dict:
     full, timings = trainer.make_rollout(global_rows)
     n = 8 // acc.num_processes
     shard = full.select(slice(acc.process_index * n, (acc.process_index + 1) * n))
-    trainer.make_rollout = lambda rows: (shard, dict(timings))
+    trainer.make_rollout = lambda rows, **kw: (shard, dict(timings))
     metrics = trainer.step()
     after = flat_params(trainer.unwrapped_model)
     torch.save({"before": before, "after": after}, os.path.join(out_dir, f"eq-{variant}.rank{acc.process_index}.pt"))
