@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: help venv install test test-slow test-all demo rm-demo bench bench-peft bench-trl clean
+.PHONY: help venv install test test-slow test-all demo rm-demo bench bench-floor bench-peft bench-trl clean
 
 help:
 	@echo "make test       create .venv, install hfpg[dev], run the fast test suite"
@@ -16,6 +16,7 @@ help:
 	@echo "make demo       offline PPO + LoRA on SmolLM2-135M (about 10 min on 2 CPU cores; ARGS='max_steps=4' to try)"
 	@echo "make rm-demo    train a MiniLM reward model on shipped preference pairs, then PPO against it (offline, ~10 min)"
 	@echo "make bench      time each phase of a PPO step on a tiny model"
+	@echo "make bench-floor PPO step vs its floor (generate + reference forward + forward/backward per epoch), ~1 min"
 	@echo "make bench-peft peak memory and step time of PPO with and without LoRA (SmolLM2-135M, about 3 min)"
 	@echo "make bench-trl  hfpg vs TRL RLOO/GRPO trainers at equal work: step time, memory (creates .venv-peers, ~2 min)"
 
@@ -59,6 +60,9 @@ rm-demo: $(VENV)/.installed-rm
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_phases.py
+
+bench-floor: $(VENV)/.installed
+	$(PY) benchmarks/bench_ppo_floor.py
 
 bench-peft: $(VENV)/.installed-demo
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_peft_memory.py

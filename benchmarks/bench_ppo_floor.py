@@ -142,7 +142,9 @@ def main(argv=None) -> int:
     print("| phase | PPO step (ms) | floor (ms) |\n|---|---|---|")
     pp, fp = r["ppo_phases_ms"], r["floor_phases_ms"]
     print(f"| generate | {pp['generate']:.0f} | {fp['generate']:.0f} |")
-    print(f"| policy forward (old logprobs + values) | {pp['policy_forward']:.0f} | — |")
+    label = ("policy forward (the update's own, reused: fuse_policy_forward)" if trainer.fuses_policy_forward
+             else "policy forward (old logprobs + values)")
+    print(f"| {label} | {pp['policy_forward']:.0f} | — |")
     print(f"| reference forward | {pp['ref_forward']:.0f} | {fp['ref_forward']:.0f} |")
     print(f"| reward | {pp['reward']:.1f} | — |")
     print(f"| update (advantages + optimizer steps) | {pp['update']:.0f} | {fp['update']:.0f} |")

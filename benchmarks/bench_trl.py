@@ -286,9 +286,11 @@ def format_phase_table(summary: dict) -> str:
     names = [n for n in w if f"phase/{PHASES[0]}" in w[n]]
     if not names:
         return ""
-    labels = {"generate": "generate", "policy_forward": "policy no-grad forward (old log-probs)",
+    labels = {"generate": "generate",
+              "policy_forward": "policy forward for old log-probs (TRL RLOO: no-grad; hfpg: the update's own)",
+              "rest": "rest: loss forward (TRL) + backward + optimizer + bookkeeping",
               "ref_forward": "reference forward", "reward": "reward",
-              "rest": "rest: loss forward + backward + optimizer + bookkeeping"}
+}
     lines = ["| phase (median s per step) | " + " | ".join(WORKERS.get(n, (n,))[0] for n in names) + " |",
              "|" + "---|" * (len(names) + 1)]
     for k in (*PHASES, "rest"):

@@ -81,9 +81,10 @@ def main(argv=None) -> int:
                  setup, extra={"threads": torch.get_num_threads(), "device": str(trainer.accelerator.device),
                                "params_policy": sum(p.numel() for p in trainer.unwrapped_model.parameters()),
                                "params_reference": n_ref,
-                               "per_step_work": "generate; no-grad policy forward (old logprobs, values, entropy); "
-                                                "reference forward; reward; RLOO advantages; 1 forward+backward; "
-                                                "1 AdamW step"})
+                               "per_step_work": "generate; reference forward; reward; 1 policy forward "
+                                                "(its detached logprobs are the old ones: fuse_policy_forward); RLOO "
+                                                "advantages; 1 backward; 1 AdamW step",
+                               "fuses_policy_forward": trainer.fuses_policy_forward})
     tmp.cleanup()
     return 0
 

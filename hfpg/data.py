@@ -13,22 +13,63 @@ class DataError(ValueError):
     """A dataset that cannot be trained on; the message says which rows or columns and how to fix it."""
 
 
-def as_dataset(data, name: str):
-    """Accept a ``datasets.Dataset``, a list of dicts or a dict of lists; return a ``datasets.Dataset``."""
-    import datasets
+class Rows:
+    """Prompts given as Python rows, behind the part of the ``datasets.Dataset`` API the trainer reads: ``len``,
+    rows by index (``ds[i]`` -> dict, ``ds[[i, j]]`` -> dict of lists), columns by name and ``column_names``.
 
-    if data is None:
-        return None
-    if isinstance(data, datasets.DatasetDict):
-        raise DataError(f"{name} is a DatasetDict with splits {list(data)}; pass one split, e.g. {name}=ds['train']")
-    if isinstance(data, datasets.Dataset):
+    A list of a few thousand prompts needs no Arrow table: keeping it a list saves importing pyarrow and pandas
+    (about 80 MiB of resident memory). Columns missing from a row read as None, as in ``Dataset.from_list``.
+    """
+
+    def __init__(self, rows: list[dict]):
+        self._rows = rows
+        self.column_names: list[str] = list(dict.fromkeys(k for row in rows for k in row))
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    @property
+    def num_rows(self) -> int:
+        return len(self._rows)
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            if key not in self.column_names:
+                raise KeyError(f"column {key!r} not in {self.column_names}")
+            return [row.get(key) for row in self._rows]
+        if isinstance(key, slice):
+            key = range(len(self._rows))[key]
+        elif not isinstance(key, (list, tuple, range)):
+            return {c: self._rows[key].get(c) for c in self.column_names}
+        return {c: [self._rows[i].get(c) for i in key] for c in self.column_names}
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def __repr__(self) -> str:
+        return f"Rows(num_rows={len(self)}, column_names={self.column_names})"
+
+
+def as_dataset(data, name: str):
+    """Accept a ``datasets.Dataset`` (used as it is), a list of dicts or a dict of lists (kept as :class:`Rows`)."""
+    if data is None or isinstance(data, Rows):
         return data
     if isinstance(data, list):
         if data and not all(isinstance(r, dict) for r in data):
             raise DataError(f"{name} must be a list of dicts (one per row), got a list of {type(data[0]).__name__}")
-        return datasets.Dataset.from_list(data)
+        return Rows(data)
     if isinstance(data, dict):
-        return datasets.Dataset.from_dict(data)
+        lengths = {k: len(v) for k, v in data.items()}
+        if len(set(lengths.values())) > 1:
+            raise DataError(f"{name}: the columns of a dict of lists must have one length, got {lengths}")
+        n = next(iter(lengths.values()), 0)
+        return Rows([{k: v[i] for k, v in data.items()} for i in range(n)])
+    import datasets
+
+    if isinstance(data, datasets.DatasetDict):
+        raise DataError(f"{name} is a DatasetDict with splits {list(data)}; pass one split, e.g. {name}=ds['train']")
+    if isinstance(data, datasets.Dataset):
+        return data
     raise DataError(f"{name} must be a datasets.Dataset, a list of dicts or a dict of lists, not {type(data).__name__}")
 
 

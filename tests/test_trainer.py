@@ -496,3 +496,44 @@ def test_step_metrics_match_the_reference_maths():
     assert m["objective/rlhf_reward"] == pytest.approx((2 - 0.3 + 4 - 0.45) / 2)
     assert m["objective/scores"] == 2.0 and m["objective/scores_shaped"] == 3.0
     assert m["completions/mean_length"] == 2.5 and m["completions/no_stop_fraction"] == 0.5
+
+
+# ---- prompts as Python rows --------------------------------------------------------------------------------------
+def test_rows_read_like_a_datasets_dataset():
+    import datasets
+
+    from hfpg.data import Rows, as_dataset
+
+    rows = [{"prompt": "a", "ref": "x"}, {"prompt": "b", "ref": "y"}, {"prompt": "c", "ref": "z"}]
+    ours, theirs = as_dataset(rows, "train_dataset"), datasets.Dataset.from_list(rows)
+    assert isinstance(ours, Rows) and len(ours) == len(theirs) == 3
+    assert ours.column_names == theirs.column_names
+    assert ours["prompt"] == list(theirs["prompt"])
+    assert ours[[2, 0]] == dict(theirs[[2, 0]]) and ours[1] == theirs[1] and ours[1:] == dict(theirs[1:])
+    assert as_dataset({"prompt": ["a", "b"], "ref": ["x", "y"]}, "d")[[0, 1]] == {"prompt": ["a", "b"],
+                                                                                   "ref": ["x", "y"]}
+    with pytest.raises(DataError, match="must have one length"):
+        as_dataset({"prompt": ["a", "b"], "ref": ["x"]}, "train_dataset")
+    assert as_dataset(theirs, "d") is theirs  # a datasets.Dataset is used as it is
+
+
+def test_training_on_a_list_of_prompts_does_not_import_arrow(tmp_path):
+    """A list of prompts stays a list: pyarrow/pandas (~80 MiB resident) are never imported."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import sys\n"
+        "from conftest import make_tokenizer, tiny_gpt2\n"
+        "from hfpg import PGConfig, PGTrainer\n"
+        "tok = make_tokenizer()\n"
+        f"cfg = PGConfig(output_dir={str(tmp_path)!r}, max_steps=1, rollout_batch_size=4, mini_batch_size=4,\n"
+        "               max_new_tokens=4, report_to=[], disable_tqdm=True)\n"
+        "PGTrainer(tiny_gpt2(tok), tok, cfg, train_dataset=[{'prompt': 'the cat', 'n': 1}] * 4,\n"
+        "          reward_fn=lambda prompts, completions, **kw: [float(len(c)) for c in completions]).train()\n"
+        "print(sorted(m for m in ('datasets', 'pyarrow', 'pandas') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
