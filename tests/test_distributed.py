@@ -177,3 +177,12 @@ def test_a_recipe_runs_under_torchrun_with_two_processes(tmp_path):
     assert [r["step"] for r in train_lines] == [1, 2, 3]  # logged once per step, not once per process
     evals = json.loads((out / "eval.json").read_text())
     assert evals["before"]["eval/num_samples"] == 4  # the held-out prompts, split over both processes
+
+
+def test_push_to_hub_uploads_once_from_the_main_process_and_refusals_reach_every_process(tmp_path):
+    r0, r1 = _torchrun("push", tmp_path)
+    assert len(r0["uploads"]) == 1 and r1["uploads"] == []  # one upload, by rank 0
+    assert "value_head.safetensors" in r0["uploads"][0]["files"] and "README.md" in r0["uploads"][0]["files"]
+    assert r0["url"].startswith("https://huggingface.co/someone/tiny-policy") and r1["url"] is None
+    assert r0["refused"] and r0["refused"] == r1["refused"]  # HF_HUB_OFFLINE: both raise the main one's error
+    assert "HF_HUB_OFFLINE" in r0["refused"]

@@ -4,7 +4,8 @@ one-process reference, imported in the test process itself.
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/scripts/multi_process_checks.py MODE OUT_DIR
 
 MODE: ``equivalence`` (one update on a fixed global batch, for each variant), ``learn`` (a short run on the toy
-reward) or ``resume`` (an interrupted + resumed run against an uninterrupted one). Each rank writes
+reward), ``resume`` (an interrupted + resumed run against an uninterrupted one) or ``push``
+(push_to_hub). Each rank writes
 OUT_DIR/<mode>.rank<r>.json (and .pt tensors for the weights).
 """
 
@@ -139,12 +140,43 @@ def resume(out_dir: str) -> dict:
             "resumed_steps": [r["step"] for r in resumed.log_history]}
 
 
+def push(out_dir: str) -> dict:
+    """push_to_hub on 2 processes: every process saves together, only the main one uploads, and a refused push
+    raises on every process (the outcome is broadcast), so no rank hangs or carries on alone."""
+    from hfpg import hub
+
+    tok = make_tokenizer()
+    uploads = []
+
+    def fake_push_folder(folder, repo_id, **kw):  # the network boundary; records who called it
+        uploads.append({"repo_id": repo_id, "files": sorted(os.listdir(folder))})
+        return f"https://huggingface.co/{repo_id}/commit/abc"
+
+    cfg = PGConfig(output_dir=os.path.join(out_dir, "push"), max_steps=1, rollout_batch_size=8, mini_batch_size=8,
+                   max_new_tokens=4, report_to=[], disable_tqdm=True)
+    trainer = PGTrainer(tiny_gpt2(tok), tok, cfg, train_dataset=[{"prompt": p} for p in PROMPTS],
+                        reward_fn=length_reward)
+    trainer.train()
+    real, hub.push_folder = hub.push_folder, fake_push_folder
+    try:
+        url = trainer.push_to_hub("someone/tiny-policy")
+    finally:
+        hub.push_folder = real
+    os.environ["HF_HUB_OFFLINE"] = "1"  # the real push refuses before any request, on the main process only
+    try:
+        trainer.push_to_hub("someone/tiny-policy", token="hf_not_used")
+        refused = None
+    except hub.HubError as e:
+        refused = str(e)
+    return {"url": url, "uploads": uploads, "refused": refused}
+
+
 def main() -> None:
     mode, out_dir = sys.argv[1], sys.argv[2]
     if mode == "equivalence":
         result = {v: equivalence(out_dir, v) for v in VARIANTS}
     else:
-        result = {"learn": learn, "resume": resume}[mode](out_dir)
+        result = {"learn": learn, "resume": resume, "push": push}[mode](out_dir)
     rank = int(os.environ.get("RANK", "0"))
     with open(os.path.join(out_dir, f"{mode}.rank{rank}.json"), "w") as f:
         json.dump(result, f)
