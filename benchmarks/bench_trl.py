@@ -215,6 +215,21 @@ def summarize(runs: dict[str, list[dict]]) -> dict:
             "equal_work": {"ok": equal, "tokens_per_step": tokens, "completion_length_mean": lengths}}
 
 
+def _target(name: str, goal: str, value: float, bound: float, ratio: float, limit: float, unit: str, fmt: str,
+            miss_note: str) -> dict:
+    """One target: met when ``value <= bound``; the detail says by how much either way (``miss_note`` follows the
+    ratio in the parenthesis of a miss)."""
+    met = value <= bound
+    if met:
+        detail = (f"met: {value:{fmt}} {unit} <= {bound:{fmt}} {unit} (ratio {ratio:.2f}, "
+                  f"{bound - value:{fmt}} {unit} to spare)")
+    else:
+        detail = (f"MISSED by {value - bound:{fmt}} {unit}: {value:{fmt}} {unit} > {bound:{fmt}} {unit} "
+                  f"(ratio {ratio:.2f}{miss_note}")
+    return {"name": name, "goal": goal, "ratio": ratio, "limit": limit, "met": met, "hfpg": value, "bound": bound,
+            "detail": detail}
+
+
 def check_targets(summary: dict) -> list[dict]:
     """The two targets: hfpg step time <= 0.5 x TRL RLOO's; hfpg peak RSS <= each TRL trainer's."""
     w, targets = summary["workers"], []
@@ -222,32 +237,16 @@ def check_targets(summary: dict) -> list[dict]:
         return targets
     h = w["hfpg"]
     if "trl-rloo" in w:
-        limit = SPEED_TARGET * w["trl-rloo"]["step_seconds"]
-        ratio = h["step_seconds"] / w["trl-rloo"]["step_seconds"]
-        t = {"name": "step time", "goal": f"hfpg <= {SPEED_TARGET:g} x TRL RLOO", "ratio": ratio,
-             "limit": SPEED_TARGET, "met": h["step_seconds"] <= limit, "hfpg": h["step_seconds"], "bound": limit}
-        if t["met"]:
-            t["detail"] = (f"met: {h['step_seconds']:.3f} s <= {limit:.3f} s (ratio {ratio:.2f}, "
-                           f"{limit - h['step_seconds']:.3f} s to spare)")
-        else:
-            t["detail"] = (f"MISSED by {h['step_seconds'] - limit:.3f} s: {h['step_seconds']:.3f} s > {limit:.3f} s "
-                           f"(ratio {ratio:.2f} > {SPEED_TARGET:g}); hfpg's step must get "
-                           f"{(1 - limit / h['step_seconds']) * 100:.0f}% shorter")
-        targets.append(t)
+        t, bound = h["step_seconds"], SPEED_TARGET * w["trl-rloo"]["step_seconds"]
+        targets.append(_target("step time", f"hfpg <= {SPEED_TARGET:g} x TRL RLOO", t, bound,
+                               t / w["trl-rloo"]["step_seconds"], SPEED_TARGET, "s", ".3f",
+                               f" > {SPEED_TARGET:g}); hfpg's step must get {(1 - bound / t) * 100:.0f}% shorter"))
     for name in ("trl-rloo", "trl-grpo"):
-        if name not in w:
-            continue
-        bound = MEMORY_TARGET * w[name]["peak_rss_mib"]
-        ratio = h["peak_rss_mib"] / w[name]["peak_rss_mib"]
-        t = {"name": f"peak memory vs {name}", "goal": f"hfpg peak RSS <= {WORKERS[name][0]}'s", "ratio": ratio,
-             "limit": MEMORY_TARGET, "met": h["peak_rss_mib"] <= bound, "hfpg": h["peak_rss_mib"], "bound": bound}
-        if t["met"]:
-            t["detail"] = (f"met: {h['peak_rss_mib']:.0f} MiB <= {bound:.0f} MiB (ratio {ratio:.2f}, "
-                           f"{bound - h['peak_rss_mib']:.0f} MiB to spare)")
-        else:
-            t["detail"] = (f"MISSED by {h['peak_rss_mib'] - bound:.0f} MiB: {h['peak_rss_mib']:.0f} MiB > "
-                           f"{bound:.0f} MiB (ratio {ratio:.2f}, {(ratio - 1) * 100:.0f}% over)")
-        targets.append(t)
+        if name in w:
+            m, bound = h["peak_rss_mib"], MEMORY_TARGET * w[name]["peak_rss_mib"]
+            ratio = m / w[name]["peak_rss_mib"]
+            targets.append(_target(f"peak memory vs {name}", f"hfpg peak RSS <= {WORKERS[name][0]}'s", m, bound,
+                                   ratio, MEMORY_TARGET, "MiB", ".0f", f", {(ratio - 1) * 100:.0f}% over)"))
     return targets
 
 

@@ -62,11 +62,11 @@ def is_deepspeed(accelerator) -> bool:
 def check_backend(accelerator, config) -> None:
     """Refuse the combinations that cannot run, with the reason, before any model is prepared."""
     problems = []
-    kind = sharding(accelerator)
-    if kind == "fsdp1":
+    if sharding(accelerator) == "fsdp1":
         problems.append("FSDP1 is not supported: set `fsdp_version: 2` in the Accelerate config "
                         "(recipes/accelerate/fsdp.yaml does)")
-    if config.algorithm == "trpo" and (kind != "none" or is_deepspeed(accelerator)):
+    engine = accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+    if config.algorithm == "trpo" and engine:
         problems.append("algorithm=trpo flattens and line-searches every trainable weight itself, which a DeepSpeed or "
                         "FSDP engine does not allow; use DDP (recipes/accelerate/ddp.yaml) or ppo/reinforce")
     if problems:

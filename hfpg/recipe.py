@@ -321,12 +321,13 @@ def load_prompts(spec: DataSpec, tokenizer, base_dir: str = ".", seed: int = 0):
     import datasets
 
     kwargs = {"name": spec.name} if spec.name else {}
-    path = spec.path
+    path, local_file = spec.path, _local(spec.path, base_dir)
+    builder = FILE_BUILDERS.get(os.path.splitext(path)[1].lstrip("."))
     if spec.data_files is not None:
         kwargs["data_files"] = _local(spec.data_files, base_dir)
-    elif os.path.splitext(path)[1].lstrip(".") in FILE_BUILDERS and os.path.isfile(_local(path, base_dir)):
+    elif builder and os.path.isfile(local_file):
         # `path: prompts.jsonl` names a local file, not a Hub dataset: load it with the builder of its type
-        path, kwargs["data_files"] = FILE_BUILDERS[os.path.splitext(path)[1].lstrip(".")], _local(path, base_dir)
+        path, kwargs["data_files"] = builder, local_file
     try:
         train = datasets.load_dataset(path, split=spec.split, **kwargs)
         evals = datasets.load_dataset(path, split=spec.eval_split, **kwargs) if spec.eval_split else None

@@ -46,18 +46,18 @@ class Rollout:
     def select(self, rows: slice | Sequence[int]) -> "Rollout":
         """The rollout of ``rows`` only (e.g. one process's shard of a global batch); widths are kept."""
         index = list(range(self.batch_size))[rows] if isinstance(rows, slice) else list(rows)
-        out = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
+        positions = torch.tensor(index, dtype=torch.long)
+
+        def take(value):  # tensors and per-row lists by row; dicts (components, columns) field by field
             if isinstance(value, torch.Tensor):
-                value = value[torch.tensor(index, dtype=torch.long, device=value.device)]
-            elif isinstance(value, list):
-                value = [value[i] for i in index] if value else []
-            elif isinstance(value, dict):
-                value = {k: (v[torch.tensor(index, dtype=torch.long, device=v.device)] if isinstance(v, torch.Tensor)
-                             else [v[i] for i in index]) for k, v in value.items()}
-            out[f.name] = value
-        return Rollout(**out)
+                return value[positions.to(value.device)]
+            if isinstance(value, list):
+                return [value[i] for i in index] if value else []
+            if isinstance(value, dict):
+                return {k: take(v) for k, v in value.items()}
+            return value
+
+        return Rollout(**{f.name: take(getattr(self, f.name)) for f in fields(self)})
 
 
 def concat_rollouts(rollouts: list[Rollout], pad_token_id: int) -> Rollout:

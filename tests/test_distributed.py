@@ -108,14 +108,8 @@ def test_two_process_update_equals_the_one_process_update(variant, equivalence_r
     assert "policy/grad_norm" in untimed and "loss/policy" in untimed
 
 
-@pytest.fixture(scope="module")
-def learn_runs(tmp_path_factory):
-    out = tmp_path_factory.mktemp("learn")
-    return out, _torchrun("learn", out)
-
-
-def test_a_short_two_process_run_learns(learn_runs):
-    out, (r0, r1) = learn_runs
+def test_a_short_two_process_run_learns(tmp_path):
+    r0, r1 = _torchrun("learn", tmp_path)
     scores = r0["scores"]
     start, end = sum(scores[:3]) / 3, sum(scores[-3:]) / 3
     assert start < 0.05 and end > 0.5, scores
@@ -125,21 +119,14 @@ def test_a_short_two_process_run_learns(learn_runs):
     # the logged score is the mean over both processes' samples
     local = r0["local_last_scores"] + r1["local_last_scores"]
     assert scores[-1] == pytest.approx(sum(local) / len(local), rel=1e-6)
-    ckpt = out / "learn" / "checkpoint-30"
+    ckpt = tmp_path / "learn" / "checkpoint-30"
     assert (ckpt / "trainer_state.json").is_file()
     assert {p.name for p in ckpt.glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
     assert len(list(ckpt.glob("model*.safetensors"))) == 1  # the model is written once
 
 
-@pytest.fixture(scope="module")
-def resume_runs(tmp_path_factory):
-    out = tmp_path_factory.mktemp("resume")
-    return out, _torchrun("resume", out)
-
-
-def test_two_process_resume_continues_exactly(resume_runs):
-    _, (r0, r1) = resume_runs
-    for r in (r0, r1):
+def test_two_process_resume_continues_exactly(tmp_path):
+    for r in _torchrun("resume", tmp_path):
         assert r["same_weights"]
         assert r["resumed_steps"] == [3, 4]
         assert r["resumed"] == r["straight"]

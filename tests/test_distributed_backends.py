@@ -77,10 +77,10 @@ def test_configure_deepspeed_leaves_other_backends_alone():
     configure_deepspeed(fake_accelerator("ddp"), PGConfig())  # no plugin config is touched (would KeyError)
 
 
-@pytest.mark.parametrize("kind,kw,message", [
-    ("deepspeed", {}, "algorithm=trpo"), ("fsdp", {}, "algorithm=trpo"), ("fsdp", {"fsdp_version": 1}, "FSDP1")])
-def test_unsupported_combinations_are_refused_with_the_reason(kind, kw, message):
-    algorithm = "ppo" if "fsdp_version" in kw else "trpo"
+@pytest.mark.parametrize("kind,kw,algorithm,message", [
+    ("deepspeed", {"zero_stage": 2}, "trpo", "algorithm=trpo"), ("fsdp", {}, "trpo", "algorithm=trpo"),
+    ("fsdp", {"fsdp_version": 1}, "ppo", "FSDP1")])
+def test_unsupported_combinations_are_refused_with_the_reason(kind, kw, algorithm, message):
     with pytest.raises(ConfigError, match=message):
         check_backend(fake_accelerator(kind, **kw), PGConfig(algorithm=algorithm))
     check_backend(fake_accelerator("ddp"), PGConfig(algorithm="trpo"))  # TRPO on DDP is fine
