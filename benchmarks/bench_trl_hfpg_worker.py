@@ -49,7 +49,7 @@ def main(argv=None) -> int:
 
         def on_step_end(self, trainer, step, metrics) -> None:
             r = trainer.last_rollout  # prompt tokens (unpadded) + completion tokens (stop token included)
-            tokens = int(r.query_mask.sum()) + int(r.response_mask.sum())
+            tokens = int(r.prompt_mask.sum()) + int(r.response_mask.sum())
             phases = {k: metrics[f"time/{k}"] for k in PHASES}  # PGTrainer's own per-phase clock
             clock.end_step(tokens, float(r.response_mask.sum(1).float().mean()), phases)
 
@@ -84,7 +84,7 @@ def main(argv=None) -> int:
                                "per_step_work": "generate; reference forward; reward; 1 policy forward "
                                                 "(its detached logprobs are the old ones: fuse_policy_forward); RLOO "
                                                 "advantages; 1 backward; 1 AdamW step",
-                               "fuses_policy_forward": trainer.fuses_policy_forward})
+                               "fuses_policy_forward": trainer.algorithm.fuses_policy_forward})
     tmp.cleanup()
     return 0
 

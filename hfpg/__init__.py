@@ -3,13 +3,12 @@
 __version__ = "0.1.0"
 
 from .callbacks import TrainerCallback
-from .config import ConfigError, PGConfig
-from .data import DataError
-from .hub import HubError
+from .config import PGConfig
+from .errors import ConfigError, DataError, HubError, RewardError
 from .kl import AdaptiveKLController, FixedKLController
 from .modeling import AutoModelForCausalLMWithValueHead, create_reference_model
 from .rewards import (BLEUReward, ChrFReward, CombinedReward, EvaluateMetricReward, LengthPenalty, LMLikelihoodReward,
-                      RepetitionPenalty, Reward, RewardError, RewardFunction, RewardModelReward, ROUGEReward, TERReward)
+                      RepetitionPenalty, Reward, RewardFunction, RewardModelReward, ROUGEReward, TERReward)
 from .trainer import PGTrainer
 
 __all__ = [

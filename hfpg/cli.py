@@ -9,8 +9,16 @@ import json
 import os
 import sys
 
+from accelerate import PartialState
+
 from . import __version__
-from .config import ConfigError, PGConfig
+from .config import PGConfig
+from .errors import ConfigError, DataError, HubError, RewardError
+from .hub import push_model_folder
+from .recipe import load_prompts, load_recipe, load_tokenizer_and_model
+from .reward_modeling import RMConfig, train_reward_model
+from .runner import train_recipe
+from .trainer import PGTrainer
 
 
 def recipe_dirs() -> list[str]:
@@ -41,13 +49,8 @@ def _recipes(args) -> int:
 
 
 def _train(args) -> int:
-    from .recipe import load_recipe
-    from .runner import train_recipe
-
     recipe = load_recipe(args.recipe, args.overrides)
     paths = train_recipe(recipe)
-    from accelerate import PartialState
-
     if not PartialState().is_main_process:  # under accelerate launch / torchrun: one summary, from rank 0
         return 0
     print("\nhfpg: run finished")
@@ -57,9 +60,6 @@ def _train(args) -> int:
 
 
 def _eval(args) -> int:
-    from .recipe import load_prompts, load_recipe, load_tokenizer_and_model
-    from .trainer import PGTrainer
-
     recipe = load_recipe(args.recipe, args.overrides)
     if args.model:
         recipe.model.name_or_path, recipe.model.gguf_file, recipe.model.peft = args.model, None, None
@@ -73,8 +73,6 @@ def _eval(args) -> int:
 
 
 def _push(args) -> int:
-    from .hub import push_model_folder
-
     url = push_model_folder(args.run_dir, args.repo_id, merge=args.merge, private=args.private, token=args.token,
                             commit_message=args.commit_message, revision=args.revision, create_pr=args.create_pr,
                             dry_run=args.dry_run)
@@ -83,8 +81,6 @@ def _push(args) -> int:
 
 
 def _train_rm(args) -> int:
-    from .reward_modeling import RMConfig, train_reward_model
-
     config = RMConfig.from_yaml(args.config, args.overrides)
     result = train_reward_model(config)
     print("\nhfpg: reward model trained")
@@ -184,10 +180,6 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "file", None) and "=" in args.file and not args.file.endswith((".yaml", ".yml")):
         args.overrides = [args.file, *args.overrides]
         args.file = None
-    from .data import DataError
-    from .hub import HubError
-    from .rewards.base import RewardError
-
     try:
         return args.func(args)
     except (ConfigError, DataError, RewardError, HubError) as e:

@@ -8,7 +8,6 @@ Every problem found is reported in one :class:`ConfigError` before any model is 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,13 +15,12 @@ from typing import Any, Iterable
 
 import yaml
 
+from .algorithms import ALGORITHMS, rule_class
+from .errors import ConfigError
+from .rewards.registry import spec_problems
+from .schema import apply_overrides, build_or_raise, format_problems, loadable_fields, read_yaml, to_dict
 
-class ConfigError(ValueError):
-    """A configuration that cannot run; the message lists every problem and how to fix it."""
-
-    def __init__(self, message: str, problems: list[str] | None = None):
-        super().__init__(message)
-        self.problems = problems or [message]
+__all__ = ["ConfigError", "PGConfig"]
 
 
 def _f(default, help: str, **kw):
@@ -39,7 +37,7 @@ class PGConfig:
     # --- run --------------------------------------------------------------------------------------------------
     output_dir: str = _f("outputs/hfpg", "Where metrics, TensorBoard logs, checkpoints and the final model go.")
     seed: int = _f(0, "Random seed; process i uses seed + i so processes sample different completions.")
-    algorithm: str = _f("ppo", "Update rule: ppo | reinforce | trpo.", choices=("ppo", "reinforce", "trpo"))
+    algorithm: str = _f("ppo", f"Update rule: {' | '.join(ALGORITHMS)}.", choices=tuple(ALGORITHMS))
     advantage_estimator: str = _f(
         "gae", "gae (critic, GAE(γ, λ)) | returns (discounted Monte-Carlo returns minus a baseline).",
         choices=("gae", "returns"),
@@ -177,6 +175,10 @@ class PGConfig:
     hub_revision: str | None = _f(None, "Branch to push to (created if needed; None = main).")
     disable_dropout: bool = _f(True, "Switch dropout off in policy, value head and reference (PPO needs ratio = 1).")
     disable_tqdm: bool = _f(False, "Hide the progress bar.")
+    base_dir: str | None = _f(
+        None, "The folder of the YAML file this config was read from: relative reward files and models are looked "
+        "up there too. Set by from_yaml and recipes; never read from nor written to YAML.", internal=True
+    )
 
     # ----------------------------------------------------------------------------------------------------------
     def __post_init__(self) -> None:
@@ -184,7 +186,7 @@ class PGConfig:
             self.report_to = [] if self.report_to == "none" else [self.report_to]
         problems = self.problems()
         if problems:
-            raise ConfigError(_format_problems(problems), problems)
+            raise ConfigError(format_problems(TITLE, problems), problems)
 
     # ---- validation --------------------------------------------------------------------------------------------
     def problems(self, num_processes: int = 1) -> list[str]:
@@ -239,8 +241,6 @@ class PGConfig:
         p.extend(self.algorithm_problems())
         if self.reward_clip is not None and self.reward_clip <= 0:
             p.append(f"reward_clip={self.reward_clip!r} must be > 0 or null")
-        from .rewards.registry import spec_problems  # light: imports no reward library
-
         p.extend(spec_problems(self.rewards))
         p.extend(self.batch_problems(num_processes))
         return p
@@ -254,19 +254,15 @@ class PGConfig:
         if self.baseline in ("leave_one_out", "group_norm") and self.num_samples_per_prompt < 2:
             p.append(f"baseline={self.baseline} compares the k samples of a prompt: set num_samples_per_prompt >= 2 "
                      f"(now {self.num_samples_per_prompt})")
-        if self.algorithm == "trpo" and self.replay_buffer_size:
-            p.append("replay is for ppo and reinforce; TRPO's trust region is defined around the current policy")
+        rule = rule_class(self.algorithm)
+        if rule is not None and self.replay_buffer_size and rule.replay_refusal:
+            p.append(f"replay_buffer_size={self.replay_buffer_size}: {rule.replay_refusal}")
         if bool(self.replay_buffer_size) != bool(self.replay_batch_size):
             p.append(f"replay needs both replay_buffer_size and replay_batch_size > 0 (now {self.replay_buffer_size} "
                      f"and {self.replay_batch_size})")
         if self.replay_batch_size and self.replay_batch_size > self.replay_buffer_size:
             p.append(f"replay_batch_size={self.replay_batch_size} exceeds replay_buffer_size={self.replay_buffer_size}")
         return p
-
-    @property
-    def uses_critic(self) -> bool:
-        """Whether the value head is trained and used (GAE, or returns with a value baseline)."""
-        return self.advantage_estimator == "gae" or self.baseline == "value"
 
     def batch_problems(self, num_processes: int = 1) -> list[str]:
         """Batch sizes must divide: rollout = mini_batch × n_minibatches; mini_batch = processes × accum × micro."""
@@ -301,7 +297,7 @@ class PGConfig:
         """Raise :class:`ConfigError` if the batch sizes do not divide over ``num_processes`` processes."""
         problems = self.batch_problems(num_processes)
         if problems:
-            raise ConfigError(_format_problems(problems), problems)
+            raise ConfigError(format_problems(TITLE, problems), problems)
 
     # ---- derived sizes -------------------------------------------------------------------------------------------
     @property
@@ -311,60 +307,24 @@ class PGConfig:
     # ---- loading and saving --------------------------------------------------------------------------------------
     @classmethod
     def field_names(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls)]
+        """The keys a YAML file or ``from_dict`` may set."""
+        return [f.name for f in loadable_fields(cls)]
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any] | None, overrides: Iterable[str] = ()) -> "PGConfig":
+    def from_dict(cls, data: dict[str, Any] | None, overrides: Iterable[str] = (), base_dir: str | None = None
+                  ) -> "PGConfig":
         """Build from a mapping plus ``key=value`` strings (values parsed as YAML). Unknown keys get a did-you-mean."""
-        data = dict(data or {})
-        problems: list[str] = []
-        for item in overrides:
-            if "=" not in item:
-                problems.append(f"override {item!r} is not of the form key=value")
-                continue
-            key, raw = item.split("=", 1)
-            data[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
-        known = cls.field_names()
-        for key in data:
-            if key not in known:
-                close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-                hint = f"; did you mean {close[0]!r}?" if close else "; see `hfpg config` for every key"
-                problems.append(f"unknown key {key!r}{hint}")
-        types = {f.name: f.type for f in dataclasses.fields(cls)}
-        clean = {}
-        for key, value in data.items():
-            if key not in known:
-                continue
-            coerced, err = _coerce(key, value, types[key])
-            if err:
-                problems.append(err)
-            else:
-                clean[key] = coerced
-        try:
-            config = cls(**clean)
-        except ConfigError as e:
-            problems.extend(e.problems)
-        if problems:
-            raise ConfigError(_format_problems(problems), problems)
-        return config
+        data = apply_overrides(dict(data or {}), overrides)
+        return build_or_raise(cls, data, TITLE, fallback="; see `hfpg config` for every key", base_dir=base_dir)
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: Iterable[str] = ()) -> "PGConfig":
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path} is not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path} must hold a mapping of key: value pairs, got {type(data).__name__}")
-        config = cls.from_dict(data, overrides)
-        config.base_dir = str(path.resolve().parent)  # where relative reward files are looked up
-        return config
+        """Read a YAML file of PGConfig keys; relative reward files are then also looked up next to it."""
+        return cls.from_dict(read_yaml(path), overrides, base_dir=str(Path(path).resolve().parent))
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every key as plain data (``base_dir``, a local path, is left out)."""
+        return to_dict(self)
 
     def to_yaml(self, path: str | Path | None = None) -> str:
         text = yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -376,29 +336,14 @@ class PGConfig:
     def documented_yaml(cls) -> str:
         """The defaults as YAML, each key preceded by its one-line doc."""
         lines = []
-        for f in dataclasses.fields(cls):
+        for f in loadable_fields(cls):
             lines.append(f"# {f.metadata['help']}")
             default = f.default_factory() if f.default is dataclasses.MISSING else f.default
             lines.append(yaml.safe_dump({f.name: default}, default_flow_style=True, width=1000).strip().strip("{}"))
         return "\n".join(lines) + "\n"
 
 
-# ----------------------------------------------------------------------------------------------------------------
-def _format_problems(problems: list[str]) -> str:
-    if len(problems) == 1:
-        return f"invalid hfpg config: {problems[0]}"
-    return "invalid hfpg config:\n" + "\n".join(f"  - {x}" for x in problems)
-
-
-def unknown_key_problems(keys, known, prefix: str = "", fallback: str = "") -> list[str]:
-    """``unknown key <prefix><key>; did you mean <prefix><close>?`` for each key not in ``known``."""
-    problems = []
-    for key in keys:
-        if key not in known:
-            close = difflib.get_close_matches(key, list(known), n=1)
-            hint = f"; did you mean {prefix}{close[0]}?" if close else fallback
-            problems.append(f"unknown key {prefix}{key}{hint}")
-    return problems
+TITLE = "invalid hfpg config"
 
 
 def _divisor_below(n: int, m: int) -> int:
@@ -406,40 +351,3 @@ def _divisor_below(n: int, m: int) -> int:
         if n % d == 0:
             return d
     return 1
-
-
-def _coerce(key: str, value: Any, annotation: str) -> tuple[Any, str | None]:
-    """Check/convert a YAML value against the field's annotation (kept as a string by ``from __future__``)."""
-    ann = str(annotation).replace(" ", "")
-    optional = "None" in ann.split("|")
-    if value is None:
-        return (None, None) if optional else (None, f"{key} may not be null")
-    base = ann.split("|")[0]
-    if base == "bool":
-        if isinstance(value, bool):
-            return value, None
-        return None, f"{key}={value!r} must be true or false"
-    if base == "int":
-        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
-            return None, f"{key}={value!r} must be an integer"
-        return int(value), None
-    if base == "float":
-        if isinstance(value, str):
-            try:
-                value = float(value)  # YAML reads 1e-5 (no dot) as a string
-            except ValueError:
-                return None, f"{key}={value!r} must be a number"
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return None, f"{key}={value!r} must be a number"
-        return float(value), None
-    if base == "str":
-        if not isinstance(value, str):
-            return None, f"{key}={value!r} must be a string"
-        return value, None
-    if base.startswith("list"):
-        if isinstance(value, (str, int)) and not isinstance(value, bool):
-            value = [value]
-        if not isinstance(value, list):
-            return None, f"{key}={value!r} must be a list"
-        return value, None
-    return value, None

@@ -1,16 +1,45 @@
-"""Prompt datasets: validation up front, and a resumable sampler that shards each global batch over processes."""
+"""Prompt datasets: loading from any ``datasets`` source, validation up front, and a resumable sampler that shards
+each global batch over processes."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
 
-from .config import ConfigError
+from .errors import ConfigError, DataError
+from .sources import relative_to
+
+__all__ = ["DataError", "PromptSampler", "Rows", "as_dataset", "check_prompts", "load_splits"]
+
+# a local file named as a dataset path (`path: prompts.jsonl`) is read by the load_dataset builder of its type
+FILE_BUILDERS = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet", "txt": "text"}
 
 
-class DataError(ValueError):
-    """A dataset that cannot be trained on; the message says which rows or columns and how to fix it."""
+def load_splits(path: str, *, split: str = "train", eval_split: str | None = None, eval_size: float = 0,
+                seed: int = 0, base_dir: str | None = None, data_files=None, **kwargs):
+    """(train, eval or None) as ``datasets.Dataset`` from any ``datasets.load_dataset`` source: a Hub id, a builder
+    (``json``, ``csv``, ...) with ``data_files``, or a local file as ``path``. Relative files are found from the working
+    directory, then in ``base_dir`` (the YAML file's folder). Held-out rows come from ``eval_split``, else
+    ``eval_size`` rows (an int) or a fraction (a float) held out of train. ``kwargs`` go to ``load_dataset``."""
+    import datasets  # pyarrow and pandas: loaded only when a dataset is
+
+    builder = FILE_BUILDERS.get(os.path.splitext(path)[1].lstrip("."))
+    local_file = relative_to(path, base_dir)
+    if data_files is not None:
+        kwargs["data_files"] = relative_to(data_files, base_dir)
+    elif builder and os.path.isfile(local_file):
+        path, kwargs["data_files"] = builder, local_file
+    try:
+        train = datasets.load_dataset(path, split=split, **kwargs)
+        evals = datasets.load_dataset(path, split=eval_split, **kwargs) if eval_split else None
+    except (FileNotFoundError, ValueError) as e:  # a missing file, an unknown split, bad builder arguments
+        raise DataError(f"data: {e}") from None
+    if evals is None and eval_size:
+        parts = train.train_test_split(test_size=eval_size, seed=seed)
+        train, evals = parts["train"], parts["test"]
+    return train, evals
 
 
 class Rows:

@@ -17,8 +17,9 @@ import os
 
 import torch
 from accelerate.utils import DistributedType
+from torch.distributed.fsdp import FSDPModule
 
-from .config import ConfigError
+from .errors import ConfigError
 
 
 def launched_processes() -> int:
@@ -59,16 +60,16 @@ def is_deepspeed(accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.DEEPSPEED
 
 
-def check_backend(accelerator, config) -> None:
-    """Refuse the combinations that cannot run, with the reason, before any model is prepared."""
+def check_backend(accelerator, algorithm) -> None:
+    """Refuse the combinations that cannot run, with the reason, before any model is prepared. ``algorithm``: the
+    :class:`~hfpg.algorithms.UpdateRule` of the run."""
     problems = []
     if sharding(accelerator) == "fsdp1":
         problems.append("FSDP1 is not supported: set `fsdp_version: 2` in the Accelerate config "
                         "(recipes/accelerate/fsdp.yaml does)")
     engine = accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
-    if config.algorithm == "trpo" and engine:
-        problems.append("algorithm=trpo flattens and line-searches every trainable weight itself, which a DeepSpeed or "
-                        "FSDP engine does not allow; use DDP (recipes/accelerate/ddp.yaml) or ppo/reinforce")
+    if engine and algorithm.sharded_engine_refusal:
+        problems.append(algorithm.sharded_engine_refusal)
     if problems:
         raise ConfigError("; ".join(problems), problems)
 
@@ -111,13 +112,11 @@ def full_weights(model, accelerator, enabled: bool = True):
     unwrapped = accelerator.unwrap_model(model)
     kind = sharding(accelerator) if enabled else "none"
     if kind == "zero3":
-        from deepspeed.runtime.zero import unwrap_model_for_generation
+        from deepspeed.runtime.zero import unwrap_model_for_generation  # an optional extra: imported when used
 
         with unwrap_model_for_generation(model):
             yield unwrapped
     elif kind == "fsdp":
-        from torch.distributed.fsdp import FSDPModule
-
         reshard = getattr(accelerator.state.fsdp_plugin, "reshard_after_forward", True)
         units = [m for m in unwrapped.modules() if isinstance(m, FSDPModule)]
         for unit in units:

@@ -13,13 +13,26 @@ Hub can answer with becomes a :class:`HubError` that says what went wrong and ho
 from __future__ import annotations
 
 import fnmatch
+import json
 import logging
 import math
 import os
 import re
+import shutil
+import tempfile
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import yaml
+from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, ModelCardData, constants, get_token
+from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError
+
+from . import __version__
+from .algorithms import ALGORITHMS
+from .errors import HubError
+from .modeling import AutoModelForCausalLMWithValueHead
+from .rewards.base import reward_name
+from .sources import dataset_id, is_hub_id, repo_id_shaped
 
 logger = logging.getLogger(__name__)
 
@@ -34,38 +47,13 @@ CARD_METRICS = ("eval/scores", "eval/kl", "eval/completion_length", "objective/s
                 "objective/rlhf_reward", "completions/mean_length")
 
 
-class HubError(RuntimeError):
-    """The Hub could not be reached or refused a request; the message names the cause and the fix."""
-
-
 # ---- model card ------------------------------------------------------------------------------------------------------
-REPO_ID = re.compile(r"[A-Za-z0-9][\w.\-]*(/[A-Za-z0-9][\w.\-]*)?")  # ``gpt2``, ``org/name``
-# load_dataset builders that read local files: not a dataset to name in a model card
-LOCAL_BUILDERS = {"json", "csv", "parquet", "text", "arrow", "pandas", "generator", "imagefolder", "audiofolder",
-                  "webdataset", "sql"}
 PEFT_NAMES = {"lora": "LoRA", "ia3": "IA³", "loha": "LoHa", "lokr": "LoKr", "adalora": "AdaLoRA", "vera": "VeRA",
               "oft": "OFT", "boft": "BOFT", "fourierft": "FourierFT"}  # card tags -> names in prose
 
 
-def _repo_id_shaped(name) -> bool:
-    return isinstance(name, str) and REPO_ID.fullmatch(name) is not None and "--" not in name \
-        and ".." not in name and len(name) <= 96
-
-
-def is_hub_id(name: str | None) -> bool:
-    """True for strings shaped like a Hub repo id (``gpt2``, ``org/name``) that are not an existing local path."""
-    return _repo_id_shaped(name) and not os.path.exists(name)
-
-
-def dataset_id(path: str | None) -> str | None:
-    """``path`` when it names a Hub dataset (not a local-file builder such as json), else None."""
-    return path if is_hub_id(path) and path not in LOCAL_BUILDERS else None
-
-
 def reward_entries(reward_fn) -> list[dict]:
     """``[{name, weight[, type]}]`` for a model card: each part of a CombinedReward, or the one callable."""
-    from .rewards.base import reward_name
-
     names, weights = getattr(reward_fn, "names", None), getattr(reward_fn, "weights", None)
     if not (isinstance(names, list) and isinstance(weights, list) and len(names) == len(weights)):
         return [{"name": reward_name(reward_fn), "weight": 1.0}]
@@ -139,15 +127,11 @@ def trainer_card_metadata(trainer, merged: bool = False) -> dict:
 def render_model_card(meta: dict, repo_id: str | None = None, config: dict | None = None, folder: str | None = None):
     """A :class:`huggingface_hub.ModelCard` built from ``meta`` (see :func:`card_metadata`) and the training
     config; the usage snippet loads ``repo_id``, or the local ``folder`` when the model is not pushed yet."""
-    from huggingface_hub import ModelCard, ModelCardData
-
-    from . import __version__
-
     config = config or {}
     repo = repo_id or folder or "path/to/this/folder"
     is_adapter = meta.get("library_name") == "peft"
     base = meta.get("base_model")
-    algorithm = next((t for t in meta.get("tags", []) if t in ("ppo", "reinforce", "trpo")), "policy-gradient")
+    algorithm = next((t for t in meta.get("tags", []) if t in ALGORITHMS), "policy-gradient")
     title = repo_id.split("/")[-1] if repo_id else f"{(base or 'model').split('/')[-1]}-hfpg-{algorithm}"
     base_link = f"[{base}](https://huggingface.co/{base})" if base else "its base model"
     what = (f"a {_peft_name(meta)} adapter for {base_link}" if is_adapter else f"a fine-tuned version of {base_link}")
@@ -200,8 +184,6 @@ def _peft_name(meta: dict) -> str:
 
 
 def _versions() -> list[tuple[str, str]]:
-    from importlib.metadata import PackageNotFoundError, version
-
     out = []
     for name in ("hfpg", "transformers", "peft", "accelerate", "torch"):
         try:
@@ -216,8 +198,6 @@ def read_card_metadata(folder: str) -> dict | None:
     path = os.path.join(folder, CARD_FILE)
     if not os.path.isfile(path):
         return None
-    from huggingface_hub import ModelCard
-
     return ModelCard.load(path).data.to_dict()
 
 
@@ -254,8 +234,6 @@ def push_folder(folder: str, repo_id: str, *, private: bool | None = None, token
     ``shown_folder``: the folder named in error messages (the user's, when ``folder`` is a temporary merge).
     ``dry_run``: contact nobody; return what would be uploaded (each file and its size, then the card's metadata).
     """
-    from huggingface_hub import CommitOperationAdd, HfApi
-
     shown = shown_folder or folder
     if not os.path.isdir(folder):
         raise HubError(f"nothing to push: {folder!r} is not a folder (pass a run directory or a saved model folder)")
@@ -292,9 +270,7 @@ def push_folder(folder: str, repo_id: str, *, private: bool | None = None, token
 
 def check_can_push(repo_id: str, token: str | None, folder: str, network: bool = True) -> None:
     """Problems found before any network call: a malformed repo id, then (``network``) offline mode, no token."""
-    from huggingface_hub import constants, get_token
-
-    if not _repo_id_shaped(repo_id):
+    if not repo_id_shaped(repo_id):
         raise HubError(f"{repo_id!r} is not a Hub repo id; use 'your-name/model-name'")
     if not network:
         return
@@ -308,9 +284,6 @@ def check_can_push(repo_id: str, token: str | None, folder: str, network: bool =
 
 def explain_hub_error(error: Exception, where: str, folder: str) -> str:
     """One message for a failed Hub call: what happened, how to fix it, and that the local folder is intact."""
-    from huggingface_hub.errors import (HfHubHTTPError, OfflineModeIsEnabled, RepositoryNotFoundError,
-                                        RevisionNotFoundError)
-
     kept = f"The local folder {folder} is unchanged."
     status = getattr(getattr(error, "response", None), "status_code", None)
     if isinstance(error, OfflineModeIsEnabled):
@@ -391,8 +364,6 @@ def merged_metadata(meta: dict) -> dict:
 def hub_files(folder: str, repo_id: str, meta: dict | None = None) -> dict[str, bytes]:
     """Files a push writes differently from the local folder: the card naming ``repo_id`` in its usage snippet, and
     ``adapter_config.json`` pointing at the card's Hub ``base_model`` when it points at a local folder."""
-    import json
-
     meta = meta or folder_metadata(folder)
     card = render_model_card(meta, repo_id, read_config(folder))
     files = {CARD_FILE: str(card).encode()}
@@ -409,9 +380,6 @@ def push_model_folder(path: str, repo_id: str, *, merge: bool = False, private: 
                       create_pr: bool = False, dry_run: bool = False) -> str:
     """What ``hfpg push RUN_DIR REPO_ID`` does: push the saved model (``final/`` of a run), with its model card; with
     ``merge`` an adapter is merged into its base first, in a temporary folder. The local folder is never written."""
-    import shutil
-    import tempfile
-
     folder = model_folder(path)
     check_can_push(repo_id, token, folder, network=not dry_run)  # before an expensive merge
     meta = folder_metadata(folder)
@@ -419,8 +387,6 @@ def push_model_folder(path: str, repo_id: str, *, merge: bool = False, private: 
         return push_folder(folder, repo_id, private=private, token=token, commit_message=commit_message,
                            revision=revision, extra_files=hub_files(folder, repo_id, meta), create_pr=create_pr,
                            dry_run=dry_run)
-    from .modeling import AutoModelForCausalLMWithValueHead
-
     with tempfile.TemporaryDirectory(prefix="hfpg-merge-") as tmp:
         model = AutoModelForCausalLMWithValueHead.from_pretrained(folder)
         model.save_pretrained(tmp, merge=True)
@@ -436,8 +402,6 @@ def push_model_folder(path: str, repo_id: str, *, merge: bool = False, private: 
 
 
 def _read_json(path: str) -> dict | None:
-    import json
-
     if not os.path.isfile(path):
         return None
     with open(path) as f:

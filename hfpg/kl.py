@@ -9,8 +9,8 @@ class FixedKLController:
     def __init__(self, kl_coef: float):
         self.value = float(kl_coef)
 
-    def update(self, current_kl: float, n_steps: int) -> None:  # noqa: D401 - same interface as the adaptive one
-        """Nothing to adapt."""
+    def update(self, current_kl: float, n_samples: int) -> None:
+        """Nothing to adapt (the same interface as the adaptive controller)."""
 
     def state_dict(self) -> dict:
         return {"value": self.value}
@@ -22,8 +22,9 @@ class FixedKLController:
 class AdaptiveKLController:
     """Proportional controller that steers the measured KL towards ``target`` (Ziegler et al. 2019, eq. 2).
 
-    err = clip(KL / target - 1, -0.2, 0.2);   β ← β · (1 + err · n_steps / horizon)
-    where ``n_steps`` is the number of samples (sequences) seen since the last update.
+    err = clip(KL / target - 1, -0.2, 0.2);   β ← β · (1 + err · n_samples / horizon)
+    where ``n_samples`` is the number of samples (sequences) seen since the last update; ``horizon`` counts
+    sequences too.
     """
 
     def __init__(self, init_kl_coef: float, target: float, horizon: int):
@@ -35,9 +36,9 @@ class AdaptiveKLController:
         self.target = float(target)
         self.horizon = int(horizon)
 
-    def update(self, current_kl: float, n_steps: int) -> None:
+    def update(self, current_kl: float, n_samples: int) -> None:
         proportional_error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
-        self.value *= 1.0 + proportional_error * n_steps / self.horizon
+        self.value *= 1.0 + proportional_error * n_samples / self.horizon
 
     def state_dict(self) -> dict:
         return {"value": self.value, "target": self.target, "horizon": self.horizon}

@@ -9,15 +9,22 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass
 
 import torch
+from huggingface_hub import hf_hub_download
+from peft import AutoPeftModelForCausalLM, PeftConfig, PeftModel, get_peft_model
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.utils import ModelOutput
+
+from .errors import ConfigError
+from .schema import closest, unknown_keys
 
 logger = logging.getLogger(__name__)
 
@@ -25,10 +32,6 @@ VALUE_HEAD_FILE = "value_head.safetensors"
 
 
 def _is_peft_model(model: nn.Module) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:  # pragma: no cover - peft is a dependency
-        return False
     return isinstance(model, PeftModel)
 
 
@@ -91,14 +94,10 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
             base = source
             source = None
         elif os.path.isfile(os.path.join(str(source), "adapter_config.json")):
-            from peft import AutoPeftModelForCausalLM
-
             base = AutoPeftModelForCausalLM.from_pretrained(source, *model_args, is_trainable=True, **kwargs)
         else:
             base = AutoModelForCausalLM.from_pretrained(source, *model_args, **kwargs)
         if peft_config is not None:
-            from peft import get_peft_model
-
             base = get_peft_model(base, peft_config)
         model = cls(base)
         state = _find_value_head(source, kwargs) if source is not None else None
@@ -233,8 +232,6 @@ def _find_value_head(source, kwargs) -> dict | None:
     if os.path.isdir(str(source)):
         return None
     try:  # a Hub repo that was pushed by hfpg carries its value head
-        from huggingface_hub import hf_hub_download
-
         path = hf_hub_download(
             str(source), VALUE_HEAD_FILE, revision=kwargs.get("revision"), token=kwargs.get("token"),
             cache_dir=kwargs.get("cache_dir"),
@@ -252,22 +249,14 @@ def with_value_head(model, peft_config) -> "AutoModelForCausalLMWithValueHead":
     if peft_config is not None:
         if model.is_peft_model:
             raise ValueError("the model already has a PEFT adapter; pass peft_config=None, or a model without one")
-        from peft import get_peft_model
-
         model.pretrained_model = get_peft_model(model.pretrained_model, peft_config)
     return model
 
 
-def adalora_step_hook(policy: "AutoModelForCausalLMWithValueHead", get_step, algorithm: str,
-                      num_optimizer_steps: int):
+def adalora_step_hook(policy: "AutoModelForCausalLMWithValueHead", get_step, num_optimizer_steps: int):
     """The call an AdaLoRA policy needs after every optimizer step (before ``zero_grad``: it reads the gradients):
     ``update_and_allocate(step)``, which re-allocates ranks by importance. Its ``total_step`` should equal the run's
     optimizer steps."""
-    from .config import ConfigError
-
-    if algorithm == "trpo":  # the natural-gradient step does not go through the optimizer
-        raise ConfigError("AdaLoRA needs an optimizer-step algorithm (ppo or reinforce), not trpo; use LoRA (or "
-                          "another adapter method) for TRPO")
     total = policy.pretrained_model.active_peft_config.total_step
     if total != num_optimizer_steps:
         logger.warning("AdaLoRA total_step=%s but this run takes %d optimizer steps (max_steps x epochs x "
@@ -321,14 +310,6 @@ def reference_context(policy: AutoModelForCausalLMWithValueHead, ref_model: nn.M
 def peft_config_from_dict(spec: dict, where: str = "model.peft"):
     """A ``peft`` config from a YAML mapping: ``peft_type`` (default LORA, any adapter method peft offers) and that
     method's keys; ``task_type`` defaults to CAUSAL_LM. Unknown methods and keys are one clear ConfigError."""
-    import dataclasses
-    import difflib
-
-    from peft import PeftConfig
-    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
-
-    from .config import ConfigError, unknown_key_problems
-
     if isinstance(spec, PeftConfig):
         return spec
     if not isinstance(spec, dict):
@@ -338,12 +319,12 @@ def peft_config_from_dict(spec: dict, where: str = "model.peft"):
     peft_type = str(values.pop("peft_type", "LORA")).upper()
     known_types = sorted(str(getattr(t, "value", t)) for t in PEFT_TYPE_TO_CONFIG_MAPPING)
     if peft_type not in known_types:
-        close = difflib.get_close_matches(peft_type, known_types, n=1)
-        hint = f"did you mean {close[0]}?" if close else f"peft offers {known_types}"
+        close = closest(peft_type, known_types)
+        hint = f"did you mean {close!r}?" if close else f"peft offers {known_types}"
         raise ConfigError(f"{where}.peft_type={spec.get('peft_type')!r} is not a peft method; {hint}")
     cls = PEFT_TYPE_TO_CONFIG_MAPPING[peft_type]
-    problems = unknown_key_problems(values, [f.name for f in dataclasses.fields(cls)], f"{where}.",
-                                    f" ({cls.__name__} has no such key)")
+    problems = unknown_keys(values, [f.name for f in dataclasses.fields(cls)], f"{where}.",
+                            f" ({cls.__name__} has no such key)")
     if problems:
         raise ConfigError("; ".join(problems), problems)
     try:

@@ -1,49 +1,61 @@
-"""Running statistics for reward scaling (stateful; the pure maths live in :mod:`hfpg.ops`)."""
+"""From the reward functions' raw numbers to the advantages the update uses: every normalisation stage, in order.
+
+| # | stage                                           | where                                | config keys                      |
+|---|-------------------------------------------------|--------------------------------------|----------------------------------|
+| 1 | z-score each reward part                        | :class:`~hfpg.rewards.CombinedReward` | ``reward_normalize``: none, batch (global batch), running (every batch so far) |
+| 2 | weighted sum of the parts, then clip the total  | :class:`~hfpg.rewards.CombinedReward` | ``rewards[].weight``, ``reward_clip`` |
+| 3 | penalise a completion without a stop token      | :class:`ScoreShaper`                 | ``missing_eos_penalty``          |
+| 4 | scale the score                                 | :class:`ScoreShaper`                 | ``score_scaling``: none, running_std (÷ running std, mean kept), whiten (global batch mean 0, std 1) |
+| 5 | clip the score                                  | :class:`ScoreShaper`                 | ``score_clip``                   |
+| 6 | per-token rewards: −β·KL at every token, the score at the last real token | :func:`~hfpg.algorithms.advantages.compute_advantages` | ``kl_coef``, ``kl_estimator``, ``kl_penalty`` |
+| 7 | whiten the per-token rewards (mean kept)        | :func:`~hfpg.algorithms.advantages.compute_advantages` | ``whiten_rewards`` |
+| 8 | advantages: GAE, or returns − baseline (``group_norm`` also divides by the group's std) | :func:`~hfpg.algorithms.advantages.compute_advantages` | ``advantage_estimator``, ``baseline`` |
+| 9 | whiten the advantages (mean removed)            | :func:`~hfpg.algorithms.advantages.compute_advantages` | ``whiten_advantages`` |
+
+Stages 1–2 run inside the reward (so the logged ``reward/<part>/mean`` are raw scores and ``objective/scores`` the
+combined total), 3–5 here (``objective/scores_shaped``), 6–9 in the advantages. Every statistic is over the global
+batch (all processes) and follows :mod:`hfpg.stats`' convention (Bessel-corrected variance); whitening counts real
+tokens only. By default only stage 9 is on.
+"""
 
 from __future__ import annotations
 
-import math
-
 import torch
 
+from .stats import RunningMoments, global_moments
 
-class RunningMoments:
-    """Running mean and standard deviation over every value seen, merged batch by batch (Chan et al.).
 
-    Used to scale scores by a running std (``score_scaling="running_std"``). Checkpointed with the trainer.
+class ScoreShaper:
+    """Stages 3–5: the missing-EOS penalty, score scaling and clipping, (B,) scores -> (B,) shaped scores.
+
+    Checkpointable: ``score_scaling: running_std`` keeps running moments of every score seen.
     """
 
-    def __init__(self) -> None:
-        self.mean = 0.0
-        self.var = 1.0
-        self.count = 0
-
-    @property
-    def std(self) -> float:
-        return math.sqrt(self.var)
+    def __init__(self, config):
+        self.config = config
+        self.moments = RunningMoments()
 
     @torch.no_grad()
-    def update(self, xs: torch.Tensor) -> tuple[float, float]:
-        """Fold a batch in; returns the batch's (mean, std)."""
-        xs = xs.detach().double().flatten()
-        n = xs.numel()
-        if n == 0:
-            return self.mean, self.std
-        batch_mean = xs.mean().item()
-        batch_var = xs.var(unbiased=False).item()
-        total = self.count + n
-        delta = batch_mean - self.mean
-        if self.count == 0:
-            m2 = batch_var * n
-        else:
-            m2 = self.var * self.count + batch_var * n + delta**2 * self.count * n / total
-        self.mean += delta * n / total
-        self.var = m2 / total
-        self.count = total
-        return batch_mean, math.sqrt(batch_var)
+    def __call__(self, scores: torch.Tensor, has_stop: torch.Tensor, accelerator=None) -> torch.Tensor:
+        """scores: (B,) from the reward function, has_stop: (B,) bool -> (B,) shaped scores (a new tensor)."""
+        cfg = self.config
+        scores = scores.clone()
+        if cfg.missing_eos_penalty is not None:
+            scores = torch.where(has_stop, scores, scores - cfg.missing_eos_penalty)
+        if cfg.score_scaling != "none":
+            batch = global_moments(accelerator, {"scores": scores}, device=scores.device)["scores"]
+            if cfg.score_scaling == "running_std":
+                self.moments.update(batch)
+                std = self.moments.std
+                scores = scores / (std if std > 1e-8 else 1.0)
+            else:  # whiten
+                scores = (scores - batch.mean) / (batch.std + 1e-8)
+        if cfg.score_clip is not None:
+            scores = scores.clamp(-cfg.score_clip, cfg.score_clip)
+        return scores
 
     def state_dict(self) -> dict:
-        return {"mean": self.mean, "var": self.var, "count": self.count}
+        return self.moments.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        self.mean, self.var, self.count = float(state["mean"]), float(state["var"]), int(state["count"])
+        self.moments.load_state_dict(state)

@@ -32,48 +32,20 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
     return masked_sum(x, mask, dim) / count.clamp(min=1)
 
 
-def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
-    """Variance of ``x`` over all real positions (a scalar); Bessel-corrected when ``unbiased``."""
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
-    if unbiased:
-        n = mask.to(x.dtype).sum()
-        if n < 2:
-            raise ValueError(f"masked_var needs at least 2 real positions for an unbiased estimate, got {int(n)}")
-        var = var * n / (n - 1)
-    return var
-
-
 def masked_whiten(
-    x: torch.Tensor,
-    mask: torch.Tensor,
-    shift_mean: bool = True,
-    mean: torch.Tensor | None = None,
-    var: torch.Tensor | None = None,
+    x: torch.Tensor, mask: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, shift_mean: bool = True,
     eps: float = 1e-8,
 ) -> torch.Tensor:
-    """Whiten ``x`` with statistics over real positions only; padding stays 0.
+    """``(x - mean) / sqrt(var + eps)`` at real positions; padding stays 0.
 
-    ``shift_mean=False`` restores the mean after scaling (advantages are whitened with the mean removed, rewards with
-    it restored). ``mean``/``var`` may be passed in (e.g. statistics of the global batch across processes).
+    The statistics come from the caller (:func:`hfpg.stats.global_whiten` takes them over the real positions of the
+    global batch). ``shift_mean=False`` restores the mean after scaling (advantages are whitened with the mean
+    removed, rewards with it restored).
     """
-    if mean is None:
-        mean = masked_mean(x, mask)
-    if var is None:
-        var = masked_var(x, mask, unbiased=True) if mask.bool().sum() > 1 else torch.zeros((), dtype=x.dtype)
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean
     return torch.where(mask.bool(), out, torch.zeros_like(out))
-
-
-def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """1 - Var[returns - values] / Var[returns] over real tokens: 1 = perfect critic, 0 = constant, <0 = worse."""
-    var_returns = masked_var(returns, mask, unbiased=False)
-    var_residual = masked_var(returns - values, mask, unbiased=False)
-    if var_returns <= 0:
-        return torch.tensor(float("nan"), dtype=values.dtype)
-    return 1.0 - var_residual / var_returns
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -112,12 +84,14 @@ def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0, chunk_si
     return torch.cat(out, dim=0)
 
 
-def response_logits(logits: torch.Tensor, context_length: int) -> torch.Tensor:
-    """Logits that predict the response tokens: position t predicts token t+1, hence ``[:, ctx-1:-1]``.
+def response_positions(x: torch.Tensor, response_length: int) -> torch.Tensor:
+    """The outputs that predict the response tokens: position t predicts token t+1, hence ``x[:, -(T+1):-1]``.
 
-    logits: (B, ctx + T, V) over the full sequence -> (B, T, V).
+    x: (B, L, ...) model outputs (logits, values, hidden states) over a sequence that ends with the T response tokens
+    (L = prompt + T, or L = T + 1 when only the last T + 1 positions were computed) -> (B, T, ...). On full-sequence
+    logits with prompt length P this is ``logits[:, P-1:-1]``.
     """
-    return logits[:, context_length - 1 : -1]
+    return x[:, -(response_length + 1) : -1]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -288,15 +262,21 @@ def leave_one_out_baseline(returns: torch.Tensor, group_size: int) -> torch.Tens
     return ((g.sum(1, keepdim=True) - g) / (group_size - 1)).view(-1)
 
 
-def group_normalized(returns: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
-    """GRPO-style advantage: ``(R - mean_group) / (std_group + eps)`` (unbiased std within each prompt's group).
+def group_normalized(returns: torch.Tensor, seq_returns: torch.Tensor, group_size: int, eps: float = 1e-6
+                     ) -> torch.Tensor:
+    """GRPO-style advantage: ``(G - mean_group G_0) / (std_group G_0 + eps)``, with the mean and the (Bessel-corrected)
+    std of the sequence returns ``G_0`` of each sample's prompt group.
 
-    returns: (B,) with B = n_groups · k, groups contiguous -> (B,). Needs k >= 2.
+    returns: (B,) or (B, T) (per-token returns G_t), seq_returns: (B,) with B = n_groups · k, groups contiguous ->
+    returns' shape. Needs k >= 2.
     """
     if group_size < 2:
         raise ValueError(f"group_norm needs at least 2 samples per prompt, got {group_size}")
-    g = returns.view(-1, group_size)
-    return ((g - g.mean(1, keepdim=True)) / (g.std(1, keepdim=True) + eps)).view(-1)
+    g = seq_returns.view(-1, group_size)
+    mean = g.mean(1).repeat_interleave(group_size)  # (B,)
+    std = g.std(1).repeat_interleave(group_size)
+    shape = (-1,) + (1,) * (returns.dim() - 1)
+    return (returns - mean.view(shape)) / (std.view(shape) + eps)
 
 
 # --------------------------------------------------------------------------------------------------------------

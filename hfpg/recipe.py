@@ -21,18 +21,19 @@ Overrides use dotted keys: ``model.name_or_path=./tiny``, ``data.max_train_sampl
 
 from __future__ import annotations
 
-import dataclasses
-import importlib.util
 import os
-import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterable
 
-import yaml
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from .config import ConfigError, PGConfig, unknown_key_problems
-from .data import DataError
+from .config import PGConfig
+from .data import load_splits
+from .errors import ConfigError, DataError
+from .modeling import AutoModelForCausalLMWithValueHead, peft_config_from_dict
+from .schema import apply_overrides, build, format_problems, read_yaml, to_dict
+from .sources import materialize_gguf, resolve_source
 
 
 @dataclass
@@ -59,7 +60,7 @@ class DataSpec:
     data_files: Any = None
     split: str = "train"
     eval_split: str | None = None
-    eval_size: float = 0
+    eval_size: int | float = 0
     prompt_column: str = "prompt"
     prompt_template: str | None = None
     prompt_max_words: int | None = None
@@ -93,202 +94,71 @@ class Recipe:
         return os.path.dirname(os.path.abspath(self.path)) if self.path else os.getcwd()
 
     def to_dict(self) -> dict:
-        return {"model": dataclasses.asdict(self.model), "data": dataclasses.asdict(self.data),
-                "report": dataclasses.asdict(self.report), **self.training.to_dict()}
+        """The recipe as YAML data (itself a valid recipe)."""
+        return {**{name: to_dict(getattr(self, name)) for name in SECTIONS}, **self.training.to_dict()}
 
 
 SECTIONS = {"model": ModelSpec, "data": DataSpec, "report": ReportSpec}
 
 
 # ---- loading and validation -----------------------------------------------------------------------------------------
-def apply_overrides(data: dict, overrides: Iterable[str]) -> dict:
-    """Set ``a.b.c=value`` (values parsed as YAML; numeric parts index lists) on a nested dict, in place."""
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form key=value")
-        key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw.strip() else None
-        node: Any = data
-        parts = key.strip().split(".")
-        for i, part in enumerate(parts):
-            last = i == len(parts) - 1
-            if isinstance(node, list):
-                if not part.isdigit() or int(part) >= len(node):
-                    raise ConfigError(f"override {key!r}: {part!r} is not an index of a list of {len(node)}")
-                part = int(part)
-            elif not isinstance(node, dict):
-                raise ConfigError(f"override {key!r}: {'.'.join(parts[:i])!r} is not a mapping")
-            if last:
-                node[part] = value
-            else:
-                if isinstance(node, dict) and node.get(part) is None:
-                    node[part] = {}
-                node = node[part]
-    return data
-
-
 def load_recipe(path: str | os.PathLike, overrides: Iterable[str] = ()) -> Recipe:
     """Read, override and validate a recipe; every problem is reported in one :class:`ConfigError`."""
     path = str(path)
-    if not os.path.isfile(path):
-        raise ConfigError(f"recipe {path!r} does not exist (`hfpg recipes` lists the shipped ones)")
-    try:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path} must hold a mapping, got {type(raw).__name__}")
-    raw = apply_overrides(raw, overrides)
-    return recipe_from_dict(raw, path)
+    raw = read_yaml(path, "recipe", " (`hfpg recipes` lists the shipped ones)")
+    return recipe_from_dict(apply_overrides(raw, overrides), path)
 
 
 def recipe_from_dict(raw: dict, path: str | None = None) -> Recipe:
+    """Validate the sections and the training keys of a recipe mapping together."""
     problems: list[str] = []
     sections = {}
     for name, cls in SECTIONS.items():
-        values = raw.get(name) or {}
-        if not isinstance(values, dict):
-            problems.append(f"{name} must be a mapping, got {values!r}")
-            values = {}
-        known = [f.name for f in dataclasses.fields(cls)]
-        problems += unknown_key_problems(values, known, f"{name}.", f"; {name} keys are {known}")
-        sections[name] = cls(**{k: v for k, v in values.items() if k in known})
-    if not sections["model"].name_or_path:
+        sections[name], found = build(cls, raw.get(name) or {}, where=name)
+        problems += found
+    model, data = sections["model"], sections["data"]
+    if model is not None and not model.name_or_path:
         problems.append("model.name_or_path is required (a Hub id, a local folder or pkg:<package>)")
-    if sections["model"].peft is not None:
-        from .modeling import peft_config_from_dict
-
+    if model is not None and model.peft is not None:
         try:
-            peft_config_from_dict(sections["model"].peft)
+            peft_config_from_dict(model.peft)
         except ConfigError as e:
             problems.extend(e.problems)
-    if not sections["data"].path:
+    if data is not None and not data.path:
         problems.append("data.path is required (a Hub dataset id, or json/csv/parquet with data.data_files)")
-    training = {k: v for k, v in raw.items() if k not in SECTIONS}
-    try:
-        config = PGConfig.from_dict(training)
-    except ConfigError as e:
-        problems.extend(e.problems)
-        config = None
+    base_dir = os.path.dirname(os.path.abspath(path)) if path else None
+    config, found = build(PGConfig, {k: v for k, v in raw.items() if k not in SECTIONS},
+                          fallback="; see `hfpg config` for every key", base_dir=base_dir)
+    problems += found
     if problems:
-        where = f" in {path}" if path else ""
-        raise ConfigError(f"invalid recipe{where}:\n" + "\n".join(f"  - {p}" for p in problems), problems)
-    config.base_dir = os.path.dirname(os.path.abspath(path)) if path else None
-    return Recipe(sections["model"], sections["data"], sections["report"], config, path, raw)
+        raise ConfigError(format_problems(f"invalid recipe{f' in {path}' if path else ''}", problems), problems)
+    return Recipe(model, data, sections["report"], config, path, raw)
 
 
 # ---- model -----------------------------------------------------------------------------------------------------------
-def resolve_path(name: str) -> str:
-    """``pkg:<package>[/subfolder]`` -> a folder of an installed Python package (e.g. a model shipped in a wheel)."""
-    if not name.startswith("pkg:"):
-        return name
-    package, _, sub = name[4:].partition("/")
-    spec = importlib.util.find_spec(package)  # locates the package without importing it
-    if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(f"{name!r}: the Python package {package!r} is not installed "
-                          f"(e.g. `pip install --no-deps {package.replace('_', '-')}`)")
-    folder = list(spec.submodule_search_locations)[0]
-    if sub:
-        folder = os.path.join(folder, sub)
-        if not os.path.isdir(folder):
-            raise ConfigError(f"{name!r}: the package {package!r} has no folder {sub!r}")
-    return folder
-
-
-def materialize_gguf(source: str, gguf_file: str, cache_dir: str | None = None) -> str:
-    """A folder of safetensors (+ tokenizer) for a GGUF checkpoint, de-quantised on first use and then cached.
-
-    A GGUF-loaded model refuses ``save_pretrained``, so it is rebuilt from its config and state dict first. The cache
-    lives in ``cache_dir``, else ``$HFPG_CACHE``, else ``~/.cache/hfpg``.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    source = resolve_path(source)
-    root = Path(cache_dir or os.environ.get("HFPG_CACHE") or Path.home() / ".cache" / "hfpg")
-    cache = root / "gguf" / re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{os.path.basename(source.rstrip('/'))}-{gguf_file}")
-    if not (cache / "config.json").is_file():
-        print(f"hfpg: de-quantising {gguf_file} once (about 20 s); caching it as safetensors in {cache}")
-        tok = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
-        gguf_model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file)
-        config = gguf_model.config
-        if hasattr(config, "quantization_config"):  # the weights are de-quantised: not a GGUF model any more
-            del config.quantization_config
-        model = AutoModelForCausalLM.from_config(config)
-        model.load_state_dict(gguf_model.state_dict())
-        model.generation_config = gguf_model.generation_config
-        tmp = cache.with_name(cache.name + ".tmp")
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        os.replace(tmp, cache)  # a half-written cache is never taken for a complete one
-    _drop_gguf_quantization_config(cache / "config.json")
-    return str(cache)
-
-
-def _drop_gguf_quantization_config(config_file: Path) -> None:
-    """Caches written by hfpg 0.1.0 kept ``quantization_config: {quant_method: gguf}`` for weights that are plain
-    fp32 safetensors, so transformers loaded them as a GGUF-quantised model that refuses ``save_pretrained`` (and so
-    merging an adapter). Rewrite such a config once."""
-    import json
-
-    data = json.loads(config_file.read_text())
-    if (data.get("quantization_config") or {}).get("quant_method") != "gguf":
-        return
-    del data["quantization_config"]
-    tmp = config_file.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, config_file)
-
-
 def load_tokenizer_and_model(spec: ModelSpec):
     """(tokenizer, AutoModelForCausalLMWithValueHead, ref_model or None) as the model section describes.
 
     A GGUF checkpoint is de-quantised once and cached as safetensors (a GGUF-loaded model refuses save_pretrained,
     so it is rebuilt from its config and state dict first); later runs load the cache in seconds.
     """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .modeling import AutoModelForCausalLMWithValueHead
-
-    source = resolve_path(spec.name_or_path)
+    source = resolve_source(spec.name_or_path)
     dtype = getattr(torch, spec.dtype, None)
     if not isinstance(dtype, torch.dtype):
         raise ConfigError(f"model.dtype={spec.dtype!r} is not a torch dtype (float32, bfloat16, float16)")
     kwargs = {"trust_remote_code": spec.trust_remote_code}
     if spec.gguf_file:
         source = materialize_gguf(source, spec.gguf_file, spec.cache_dir)
-    tokenizer = AutoTokenizer.from_pretrained(resolve_path(spec.tokenizer) if spec.tokenizer else source, **kwargs)
-    peft_config = None
-    if spec.peft:
-        from .modeling import peft_config_from_dict
-
-        peft_config = peft_config_from_dict(spec.peft)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_source(spec.tokenizer) if spec.tokenizer else source, **kwargs)
+    peft_config = peft_config_from_dict(spec.peft) if spec.peft else None
     model = AutoModelForCausalLMWithValueHead.from_pretrained(source, peft_config=peft_config, dtype=dtype, **kwargs)
     ref = None
     if spec.ref_model:
-        ref = AutoModelForCausalLM.from_pretrained(resolve_path(spec.ref_model), dtype=dtype, **kwargs)
+        ref = AutoModelForCausalLM.from_pretrained(resolve_source(spec.ref_model), dtype=dtype, **kwargs)
     return tokenizer, model, ref
 
 
 # ---- data ------------------------------------------------------------------------------------------------------------
-FILE_BUILDERS = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet", "txt": "text"}
-
-
-def _local(path_or_paths, base_dir: str):
-    """Relative data files are tried from the working directory, then next to the recipe."""
-    if isinstance(path_or_paths, str):
-        if not os.path.isabs(path_or_paths) and not os.path.exists(path_or_paths):
-            candidate = os.path.join(base_dir, path_or_paths)
-            if os.path.exists(candidate):
-                return candidate
-        return path_or_paths
-    if isinstance(path_or_paths, list):
-        return [_local(p, base_dir) for p in path_or_paths]
-    if isinstance(path_or_paths, dict):
-        return {k: _local(v, base_dir) for k, v in path_or_paths.items()}
-    return path_or_paths
-
-
 def prompt_text(row: dict, spec: DataSpec) -> str:
     """The prompt of one row as a person reads it: a template over its columns, or one column."""
     if spec.prompt_template:
@@ -318,29 +188,11 @@ def format_prompt(text: str, spec: DataSpec, tokenizer) -> str:
 def load_prompts(spec: DataSpec, tokenizer, base_dir: str = ".", seed: int = 0):
     """(train, eval or None) as ``datasets.Dataset`` with a ``prompt`` column (what the model sees, chat template
     included), ``prompt_text`` (the plain prompt) and the source's other columns (references, ...)."""
-    import datasets
-
-    kwargs = {"name": spec.name} if spec.name else {}
-    path, local_file = spec.path, _local(spec.path, base_dir)
-    builder = FILE_BUILDERS.get(os.path.splitext(path)[1].lstrip("."))
-    if spec.data_files is not None:
-        kwargs["data_files"] = _local(spec.data_files, base_dir)
-    elif builder and os.path.isfile(local_file):
-        # `path: prompts.jsonl` names a local file, not a Hub dataset: load it with the builder of its type
-        path, kwargs["data_files"] = builder, local_file
-    try:
-        train = datasets.load_dataset(path, split=spec.split, **kwargs)
-        evals = datasets.load_dataset(path, split=spec.eval_split, **kwargs) if spec.eval_split else None
-    except FileNotFoundError as e:
-        raise DataError(f"data: {e}") from None
-    except ValueError as e:  # unknown split, bad builder arguments
-        raise DataError(f"data: {e}") from None
+    train, evals = load_splits(spec.path, name=spec.name, data_files=spec.data_files, split=spec.split,
+                               eval_split=spec.eval_split, eval_size=spec.eval_size, seed=seed, base_dir=base_dir)
     if spec.prompt_template is None and spec.prompt_column not in train.column_names:
         raise DataError(f"data.prompt_column={spec.prompt_column!r} is not a column of {spec.path}; its columns are "
                         f"{train.column_names}. Set data.prompt_column or data.prompt_template")
-    if evals is None and spec.eval_size:
-        parts = train.train_test_split(test_size=spec.eval_size, seed=seed)
-        train, evals = parts["train"], parts["test"]
     if spec.max_train_samples is not None:
         train = train.select(range(min(spec.max_train_samples, len(train))))
     if evals is not None and spec.max_eval_samples is not None:

@@ -12,11 +12,11 @@ from collections import deque
 
 import torch
 
-from . import ops
-from .algorithms.common import global_sum
-from .rollout import Rollout, batched, concat_rollouts, sequence_forward
+from .forward import rollout_forward
+from .rollout import Rollout, concat_rollouts
+from .stats import global_moments, global_sum
 
-_KEEP = ("query_ids", "query_mask", "response_ids", "response_mask", "has_stop", "ref_logprobs",
+_KEEP = ("prompt_ids", "prompt_mask", "response_ids", "response_mask", "has_stop", "ref_logprobs",
          "behaviour_logprobs")
 
 
@@ -83,20 +83,17 @@ def mix_in_replay(buffer: ReplayBuffer, rollout: Rollout, scores: torch.Tensor, 
         return rollout, scores, {"replay/ratio": 0.0}
     old = buffer.sample(n_local, step, pad_token_id, accelerator.device)
     policy.eval()
-    seqs = dict(query_ids=old.query_ids, query_mask=old.query_mask, response_ids=old.response_ids,
-                response_mask=old.response_mask)
     with accelerator.autocast():
-        out = batched(lambda **kw: sequence_forward(policy, **kw, temperature=config.temperature, with_values=True,
-                                                    with_entropy=True), config.forward_batch_size, n_local, **seqs)
+        out = rollout_forward(policy, old, config.temperature, with_values=True, with_entropy=True,
+                              chunk_size=config.forward_batch_size)
     old.logprobs, old.values, old.entropy = out["logprobs"], out["values"], out["entropy"]
     mask = old.response_mask
     raw = torch.exp(old.logprobs - old.behaviour_logprobs)
     old.is_weights = torch.where(mask, raw.clamp(max=config.replay_is_clip), 0.0)
     batch = concat_rollouts([rollout, old], pad_token_id)
-    s = global_sum(accelerator, torch.stack([
-        old.staleness.float().sum(), torch.tensor(float(n_local), device=accelerator.device),
-        ops.masked_sum(old.is_weights, mask), ops.masked_sum((raw > config.replay_is_clip).float(), mask),
-        mask.sum().float()]).double()).tolist()
+    m = global_moments(accelerator, {"staleness": old.staleness.float(), "is_weight": (old.is_weights, mask),
+                                     "truncated": ((raw > config.replay_is_clip).float(), mask)})
+    replayed = m["staleness"].count
     return batch, torch.cat([scores, old.scores]), {
-        "replay/ratio": s[1] / (s[1] + config.rollout_batch_size), "replay/staleness": s[0] / s[1],
-        "replay/is_weight": s[2] / max(s[4], 1.0), "replay/truncated_fraction": s[3] / max(s[4], 1.0)}
+        "replay/ratio": replayed / (replayed + config.rollout_batch_size), "replay/staleness": m["staleness"].mean,
+        "replay/is_weight": m["is_weight"].mean, "replay/truncated_fraction": m["truncated"].mean}

@@ -14,20 +14,25 @@ input_format: completion            # as RewardModelReward: concat | completion 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
+from huggingface_hub import ModelCard, ModelCardData
+from transformers import (AutoModelForSequenceClassification, AutoTokenizer, EarlyStoppingCallback, Trainer,
+                          TrainingArguments, set_seed)
 
-from .config import ConfigError, unknown_key_problems
-from .data import DataError
+from .data import load_splits
+from .errors import ConfigError, DataError
+from .rewards.models import RewardModelReward
+from .schema import apply_overrides, build_or_raise, format_problems, read_yaml, to_dict
+from .sources import dataset_id, is_hub_id, resolve_source
 
 OBJECTIVES = ("pairwise", "regression")
 
@@ -70,7 +75,13 @@ class RMConfig:
     normalize: bool = True  # fit mean/std of the scores on the held-out texts, saved as reward_normalization.json
     seed: int = 42
     report_to: list = field(default_factory=lambda: ["tensorboard"])
-    base_dir: str | None = None  # the YAML's folder: relative data files are found from there too
+    # the YAML's folder: relative data files are found from there too (set by from_yaml, never read from YAML)
+    base_dir: str | None = field(default=None, metadata={"internal": True})
+
+    def __post_init__(self) -> None:
+        problems = self.problems()
+        if problems:
+            raise ConfigError(format_problems(TITLE, problems), problems)
 
     def problems(self) -> list[str]:
         p = []
@@ -98,59 +109,18 @@ class RMConfig:
 
     @classmethod
     def from_yaml(cls, path: str, overrides=()) -> "RMConfig":
-        from .recipe import apply_overrides
-
-        if not os.path.isfile(path):
-            raise ConfigError(f"reward-model config {path!r} does not exist")
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path} must hold a mapping, got {type(raw).__name__}")
-        return cls.from_dict(apply_overrides(raw, overrides), os.path.dirname(os.path.abspath(path)))
+        raw = apply_overrides(read_yaml(path, "reward-model config"), overrides)
+        return cls.from_dict(raw, os.path.dirname(os.path.abspath(path)))
 
     @classmethod
     def from_dict(cls, raw: dict, base_dir: str | None = None) -> "RMConfig":
-        from .config import _coerce
+        return build_or_raise(cls, raw, TITLE, base_dir=base_dir)
 
-        fields = {f.name: f.type for f in dataclasses.fields(cls) if f.name != "base_dir"}
-        problems = unknown_key_problems(raw, fields)
-        values = {}
-        for key in raw.keys() & fields.keys():  # YAML reads 2e-4 (no dot) as a string, etc.
-            values[key], error = _coerce(key, raw[key], fields[key])
-            if error:
-                problems.append(error)
-        if problems:
-            raise ConfigError("invalid reward-model config:\n" + "\n".join(f"  - {p}" for p in problems), problems)
-        config = cls(**values, base_dir=base_dir)
-        problems += config.problems()
-        if problems:
-            raise ConfigError("invalid reward-model config:\n" + "\n".join(f"  - {p}" for p in problems), problems)
-        return config
+
+TITLE = "invalid reward-model config"
 
 
 # ---- data ------------------------------------------------------------------------------------------------------------
-def load_splits(cfg: RMConfig):
-    """(train, eval) ``datasets.Dataset`` from ``cfg.data``: an eval split, or ``eval_size`` held out of train."""
-    import datasets
-
-    from .recipe import _local
-
-    data = dict(cfg.data)
-    split, eval_split = data.pop("split", "train"), data.pop("eval_split", None)
-    eval_size = data.pop("eval_size", 0.1 if eval_split is None else 0)
-    path = data.pop("path")
-    if "data_files" in data:
-        data["data_files"] = _local(data["data_files"], cfg.base_dir or ".")
-    try:
-        train = datasets.load_dataset(path, split=split, **data)
-        evals = datasets.load_dataset(path, split=eval_split, **data) if eval_split else None
-    except (FileNotFoundError, ValueError) as e:
-        raise DataError(f"data: {e}") from None
-    if evals is None and eval_size:
-        parts = train.train_test_split(test_size=eval_size, seed=cfg.seed)
-        train, evals = parts["train"], parts["test"]
-    return train, evals
-
-
 def check_rows(ds, cfg: RMConfig, name: str) -> None:
     """Missing columns, empty texts, ties and non-finite targets: one DataError naming rows and the fix."""
     need = [cfg.chosen_column, cfg.rejected_column] if cfg.objective == "pairwise" else [cfg.text_column,
@@ -225,44 +195,38 @@ class PairCollator:
 
 
 # ---- training --------------------------------------------------------------------------------------------------------
-def _trainer_class():
-    from transformers import Trainer
+class RewardTrainer(Trainer):
+    """``transformers.Trainer`` with a scalar reward: Bradley-Terry on pairs, or MSE on ratings."""
 
-    class RewardTrainer(Trainer):
-        """``transformers.Trainer`` with a scalar reward: Bradley-Terry on pairs, or MSE on ratings."""
+    objective = "pairwise"
 
-        objective = "pairwise"
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = dict(inputs)
+        margin, labels = inputs.pop("margin", None), inputs.pop("labels", None)
+        rewards = model(**inputs).logits.squeeze(-1).float()  # (2B,) pairwise, (B,) regression
+        if self.objective == "pairwise":
+            n = rewards.shape[0] // 2
+            outputs = torch.stack([rewards[:n], rewards[n:]], dim=1)  # (B, 2): chosen, rejected
+            loss = bradley_terry_loss(outputs[:, 0], outputs[:, 1], margin)
+        else:
+            outputs = rewards
+            loss = F.mse_loss(rewards, labels.float())
+        return (loss, outputs) if return_outputs else loss
 
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            inputs = dict(inputs)
-            margin, labels = inputs.pop("margin", None), inputs.pop("labels", None)
-            rewards = model(**inputs).logits.squeeze(-1).float()  # (2B,) pairwise, (B,) regression
-            if self.objective == "pairwise":
-                n = rewards.shape[0] // 2
-                outputs = torch.stack([rewards[:n], rewards[n:]], dim=1)  # (B, 2): chosen, rejected
-                loss = bradley_terry_loss(outputs[:, 0], outputs[:, 1], margin)
-            else:
-                outputs = rewards
-                loss = F.mse_loss(rewards, labels.float())
-            return (loss, outputs) if return_outputs else loss
-
-        def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-            inputs = self._prepare_inputs(inputs)
-            with torch.no_grad():
-                loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
-            if prediction_loss_only:
-                return loss.detach(), None, None
-            labels = inputs.get("labels")
-            if labels is None:  # Trainer computes metrics only when there are labels
-                labels = torch.zeros(outputs.shape[0], device=outputs.device)
-            return loss.detach(), outputs.detach(), labels.detach()
-
-    return RewardTrainer
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
+        if prediction_loss_only:
+            return loss.detach(), None, None
+        labels = inputs.get("labels")
+        if labels is None:  # Trainer computes metrics only when there are labels
+            labels = torch.zeros(outputs.shape[0], device=outputs.device)
+        return loss.detach(), outputs.detach(), labels.detach()
 
 
 def compute_metrics_for(objective: str):
     """Pairwise accuracy (chosen scored above rejected) and mean margin, or Pearson/Spearman/MSE for ratings."""
-    import numpy as np
 
     def pairwise(pred):
         scores = np.asarray(pred.predictions, dtype=np.float64)  # (N, 2)
@@ -270,7 +234,7 @@ def compute_metrics_for(objective: str):
         return {"accuracy": float((diff > 0).mean()), "margin": float(diff.mean())}
 
     def regression(pred):
-        import pandas as pd
+        import pandas as pd  # loaded by datasets anyway; only regression metrics need it here
 
         x = pd.Series(np.asarray(pred.predictions, dtype=np.float64).reshape(-1))
         y = pd.Series(np.asarray(pred.label_ids, dtype=np.float64).reshape(-1))
@@ -284,21 +248,17 @@ def train_reward_model(cfg: RMConfig) -> dict[str, Any]:
     """Load, validate, train (early stopping on the held-out metric), evaluate, save ``output_dir/final`` with the
     tokenizer, normalisation statistics, the resolved config and a model card. Returns ``{"paths", "metrics",
     "reward"}``: the saved files, the held-out metrics of the best checkpoint, and a RewardModelReward over it."""
-    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, EarlyStoppingCallback,
-                              TrainingArguments, set_seed)
-
-    from .recipe import resolve_path
-    from .rewards.models import RewardModelReward
-
     set_seed(cfg.seed)
-    train, evals = load_splits(cfg)
+    data = dict(cfg.data)  # load_dataset arguments, plus split / eval_split / eval_size (default: 10 % held out)
+    data.setdefault("eval_size", 0.1 if data.get("eval_split") is None else 0)
+    train, evals = load_splits(data.pop("path"), **data, seed=cfg.seed, base_dir=cfg.base_dir)
     check_rows(train, cfg, "train data")
     if evals is None:
         raise DataError("a reward model needs held-out data: set data.eval_split or data.eval_size")
     check_rows(evals, cfg, "eval data")
-    source = resolve_path(cfg.model["name_or_path"])
+    source = resolve_source(cfg.model["name_or_path"])
     kwargs = {"trust_remote_code": bool(cfg.model.get("trust_remote_code", False))}
-    tokenizer = AutoTokenizer.from_pretrained(resolve_path(cfg.model.get("tokenizer") or source), **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_source(cfg.model.get("tokenizer") or source), **kwargs)
     if tokenizer.pad_token is None:  # decoder backbones (GPT-2, Llama): pad with EOS
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"  # as RewardModelReward pads
@@ -322,7 +282,7 @@ def train_reward_model(cfg: RMConfig) -> dict[str, Any]:
         metric_for_best_model=metric, greater_is_better=True, logging_steps=cfg.logging_steps,
         report_to=list(cfg.report_to), remove_unused_columns=False, seed=cfg.seed, save_only_model=True)
     callbacks = [EarlyStoppingCallback(cfg.early_stopping_patience)] if cfg.early_stopping_patience else []
-    trainer = _trainer_class()(model=model, args=args, train_dataset=train_enc, eval_dataset=eval_enc,
+    trainer = RewardTrainer(model=model, args=args, train_dataset=train_enc, eval_dataset=eval_enc,
                                processing_class=tokenizer, data_collator=PairCollator(tokenizer),
                                compute_metrics=compute_metrics_for(cfg.objective), callbacks=callbacks)
     trainer.objective = cfg.objective
@@ -338,7 +298,7 @@ def train_reward_model(cfg: RMConfig) -> dict[str, Any]:
         scorer.fit_normalization(prompts, texts)
         paths["normalization"] = scorer.save_normalization(final)
     with open(os.path.join(final, "hfpg_reward_model.yaml"), "w") as f:
-        yaml.safe_dump({k: v for k, v in dataclasses.asdict(cfg).items() if k != "base_dir"}, f, sort_keys=False)
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
     metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
     with open(os.path.join(cfg.output_dir, "eval_metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
@@ -356,10 +316,6 @@ def _eval_texts(ds, cfg: RMConfig) -> tuple[list[str], list[str]]:
 
 def write_card(folder: str, cfg: RMConfig, metrics: dict, n_train: int, n_eval: int) -> str:
     """``README.md`` with YAML metadata and a usage snippet for a trained reward model."""
-    from huggingface_hub import ModelCard, ModelCardData
-
-    from .hub import dataset_id, is_hub_id
-
     base = cfg.model.get("hub_base_model") or (cfg.model["name_or_path"] if is_hub_id(cfg.model["name_or_path"])
                                                 else None)
     dataset = dataset_id(cfg.data.get("path"))

@@ -1,4 +1,5 @@
-"""Prompts -> left-padded tokens -> sampled completions -> a :class:`Rollout` with logprobs, values and references.
+"""Prompts -> left-padded tokens -> sampled completions, and the :class:`Rollout` that carries one batch of
+experience through the step (its logprobs, values and reference logprobs come from :mod:`hfpg.forward`).
 
 Everything here runs without gradients. Shapes: ``B`` sequences, ``P`` prompt tokens (left-padded), ``T``
 response tokens (right-padded after the first stop token).
@@ -20,8 +21,8 @@ from . import ops
 class Rollout:
     """One batch of experience. Tensors are (B, P) for the prompt, (B, T) for the response, (B,) per sequence."""
 
-    query_ids: torch.Tensor
-    query_mask: torch.Tensor
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
     response_ids: torch.Tensor
     response_mask: torch.Tensor  # bool, True = real token (the stop token included)
     has_stop: torch.Tensor  # bool (B,), False when max_new_tokens was hit first
@@ -42,6 +43,12 @@ class Rollout:
     @property
     def batch_size(self) -> int:
         return self.response_ids.shape[0]
+
+    def sequences(self, rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The prompt and response ids and masks (of ``rows`` only, when given): what a forward needs."""
+        seqs = {"prompt_ids": self.prompt_ids, "prompt_mask": self.prompt_mask, "response_ids": self.response_ids,
+                "response_mask": self.response_mask}
+        return seqs if rows is None else {k: v[rows] for k, v in seqs.items()}
 
     def select(self, rows: slice | Sequence[int]) -> "Rollout":
         """The rollout of ``rows`` only (e.g. one process's shard of a global batch); widths are kept."""
@@ -65,7 +72,7 @@ def concat_rollouts(rollouts: list[Rollout], pad_token_id: int) -> Rollout:
 
     Per-token tensors are padded with 0 (logprobs, values, weights); text fields and columns are concatenated.
     """
-    P = max(r.query_ids.shape[1] for r in rollouts)
+    P = max(r.prompt_ids.shape[1] for r in rollouts)
     T = max(r.response_ids.shape[1] for r in rollouts)
 
     def pad(x: torch.Tensor, width: int, left: bool, value) -> torch.Tensor:
@@ -76,8 +83,8 @@ def concat_rollouts(rollouts: list[Rollout], pad_token_id: int) -> Rollout:
         return torch.cat([filler, x] if left else [x, filler], dim=1)
 
     out = {}
-    for name in ("query_ids", "query_mask"):
-        value = pad_token_id if name == "query_ids" else 0
+    for name in ("prompt_ids", "prompt_mask"):
+        value = pad_token_id if name == "prompt_ids" else 0
         out[name] = torch.cat([pad(getattr(r, name), P, True, value) for r in rollouts])
     for name in ("response_ids", "response_mask", "logprobs", "ref_logprobs", "values", "entropy",
                  "behaviour_logprobs", "is_weights"):
@@ -145,77 +152,19 @@ def build_generation_config(config, tokenizer, stop_token_ids: Sequence[int]) ->
 
 @torch.no_grad()
 def generate_responses(
-    model, query_ids: torch.Tensor, query_mask: torch.Tensor, generation_config: GenerationConfig,
+    model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, generation_config: GenerationConfig,
     stop_token_ids: Sequence[int], pad_token_id: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sample completions and truncate each after its first stop token.
 
-    query_ids, query_mask: (B, P) left-padded -> (response_ids (B, T), response_mask (B, T), has_stop (B,)).
+    prompt_ids, prompt_mask: (B, P) left-padded -> (response_ids (B, T), response_mask (B, T), has_stop (B,)).
     ``generate`` stops as soon as every sequence has produced a stop token, so T <= max_new_tokens.
     """
-    out = model.generate(input_ids=query_ids, attention_mask=query_mask, generation_config=generation_config)
-    responses = out[:, query_ids.shape[1] :]
+    out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=generation_config)
+    responses = out[:, prompt_ids.shape[1] :]
     if responses.shape[1] == 0:  # max_new_tokens reached 0 tokens: keep shapes valid
-        responses = torch.full((query_ids.shape[0], 1), pad_token_id, dtype=query_ids.dtype, device=query_ids.device)
+        responses = torch.full((prompt_ids.shape[0], 1), pad_token_id, dtype=prompt_ids.dtype, device=prompt_ids.device)
     return ops.truncate_at_stop(responses, stop_token_ids, pad_token_id)
-
-
-def _call_lm(model, input_ids, attention_mask, position_ids, keep: int):
-    """Forward that asks only for the last ``keep`` positions' logits when the model supports it."""
-    try:
-        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                    logits_to_keep=keep, use_cache=False)
-    except TypeError:  # an architecture without logits_to_keep
-        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-    return out
-
-
-def sequence_forward(
-    model,
-    query_ids: torch.Tensor,
-    query_mask: torch.Tensor,
-    response_ids: torch.Tensor,
-    response_mask: torch.Tensor,
-    temperature: float,
-    with_values: bool,
-    with_entropy: bool = False,
-    entropy_grad: bool = True,
-) -> dict[str, torch.Tensor]:
-    """Response-token logprobs (and values, entropy) from ONE forward over prompt + response.
-
-    Position t's logits predict token t+1, so the response is scored by logits ``[:, P-1:-1]``; only those
-    T+1 positions are projected onto the vocabulary. Position ids come from the attention mask, so a left-padded
-    prompt scores exactly like the unpadded one. Returns tensors (B, T), zero on padding. ``entropy_grad=False``
-    measures the entropy without keeping a (B, T, V) graph for it.
-    """
-    input_ids = torch.cat([query_ids, response_ids], dim=1)
-    attention_mask = torch.cat([query_mask.long(), response_mask.long()], dim=1)
-    position_ids = ops.position_ids_from_attention_mask(attention_mask)
-    T = response_ids.shape[1]
-    out = _call_lm(model, input_ids, attention_mask, position_ids, keep=T + 1)
-    logits = out.logits
-    if logits.shape[1] != T + 1:  # the model ignored logits_to_keep
-        logits = logits[:, -(T + 1) :]
-    logits = logits[:, :-1]  # (B, T, V): the same slice as ops.response_logits(full_logits, P)
-    mask = response_mask.bool()
-    result = {"logprobs": torch.where(mask, ops.logprobs_from_logits(logits, response_ids, temperature), 0.0)}
-    if with_entropy:
-        with torch.set_grad_enabled(torch.is_grad_enabled() and entropy_grad):
-            result["entropy"] = torch.where(mask, ops.entropy_from_logits(logits, temperature), 0.0)
-    if with_values:
-        values = out.values
-        values = values[:, -(T + 1) : -1]  # the value of the state before each response token
-        result["values"] = torch.where(mask, values.float(), 0.0)
-    return result
-
-
-def batched(fn, batch_size: int | None, n: int, **tensors: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Run ``fn(**chunk)`` over row chunks of ``tensors`` and concatenate its dict outputs (bounded memory)."""
-    size = batch_size or n
-    parts: list[dict[str, torch.Tensor]] = []
-    for start in range(0, n, size):
-        parts.append(fn(**{k: v[start : start + size] for k, v in tensors.items()}))
-    return {k: torch.cat([p[k] for p in parts], dim=0) for k in parts[0]}
 
 
 def decode_completions(tokenizer, response_ids: torch.Tensor, response_mask: torch.Tensor) -> list[str]:

@@ -18,10 +18,11 @@ from accelerate import PartialState
 from transformers import set_seed
 
 from .distributed import accelerator_kwargs
-from .hub import dataset_id, is_hub_id, push_model_folder
+from .hub import push_model_folder
 from .recipe import Recipe, load_prompts, load_tokenizer_and_model
 from .report import SampleLogger, plot_curves, sample_table, write_report
 from .rewards.registry import build_reward
+from .sources import dataset_id, is_hub_id
 from .trainer import PGTrainer
 
 

@@ -8,8 +8,10 @@ import os
 import re
 import shutil
 
+from accelerate.utils import broadcast_object_list
+
 from . import hub
-from .config import ConfigError
+from .errors import ConfigError
 from .distributed import full_weights
 
 TRAINER_STATE = "trainer_state.json"
@@ -72,8 +74,6 @@ class SavingMixin:
             except hub.HubError as e:
                 error = str(e)
         if self.accelerator.num_processes > 1:  # every process raises, or none does
-            from accelerate.utils import broadcast_object_list
-
             error = broadcast_object_list([error])[0]
         if error is not None:
             raise hub.HubError(error)

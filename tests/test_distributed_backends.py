@@ -16,6 +16,7 @@ import torch
 from accelerate.utils import DistributedType
 
 from hfpg import PGConfig
+from hfpg.algorithms import build_algorithm
 from hfpg.config import ConfigError
 from hfpg.distributed import (accelerator_kwargs, check_backend, check_launch, configure_deepspeed, full_weights,
                               sharding)
@@ -82,8 +83,8 @@ def test_configure_deepspeed_leaves_other_backends_alone():
     ("fsdp", {"fsdp_version": 1}, "ppo", "FSDP1")])
 def test_unsupported_combinations_are_refused_with_the_reason(kind, kw, algorithm, message):
     with pytest.raises(ConfigError, match=message):
-        check_backend(fake_accelerator(kind, **kw), PGConfig(algorithm=algorithm))
-    check_backend(fake_accelerator("ddp"), PGConfig(algorithm="trpo"))  # TRPO on DDP is fine
+        check_backend(fake_accelerator(kind, **kw), build_algorithm(PGConfig(algorithm=algorithm)))
+    check_backend(fake_accelerator("ddp"), build_algorithm(PGConfig(algorithm="trpo")))  # TRPO on DDP is fine
 
 
 def test_sharding_kinds():

@@ -1,16 +1,12 @@
-"""KL controllers (DESIGN.md detail 12) and running reward moments."""
+"""KL controllers (docs/design.md, detail 12)."""
 
 from __future__ import annotations
 
-import math
 from types import SimpleNamespace
 
 import pytest
-import torch
-from torch.testing import assert_close
 
 from hfpg.kl import AdaptiveKLController, FixedKLController, build_kl_controller
-from hfpg.normalize import RunningMoments
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -100,62 +96,3 @@ def test_build_kl_controller():
     adaptive = build_kl_controller(SimpleNamespace(adaptive_kl=True, kl_coef=0.05, kl_target=6.0, kl_horizon=100))
     assert isinstance(adaptive, AdaptiveKLController)
     assert (adaptive.value, adaptive.target, adaptive.horizon) == (0.05, 6.0, 100)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# running moments
-# --------------------------------------------------------------------------------------------------------------
-BATCHES = [
-    torch.tensor([1.0, 2.0, 3.0]),
-    torch.tensor([10.0]),
-    torch.tensor([-4.0, 0.5, 7.0, 2.0, -1.5]),
-    torch.tensor([[3.0, 3.0], [8.0, -6.0]]),  # multi-dimensional batches are flattened
-]
-
-
-def _brute_mean_std(values):
-    n = len(values)
-    mean = sum(values) / n
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / n)
-
-
-def test_running_moments_match_concatenation():
-    rm = RunningMoments()
-    seen = []
-    for b in BATCHES:
-        rm.update(b)
-        seen.extend(b.flatten().tolist())
-        cat = torch.tensor(seen, dtype=torch.float64)
-        assert rm.count == len(seen)
-        assert rm.mean == pytest.approx(cat.mean().item(), rel=1e-12, abs=1e-12)
-        assert rm.std == pytest.approx(cat.std(unbiased=False).item(), rel=1e-12)
-    mean, std = _brute_mean_std(seen)
-    assert rm.mean == pytest.approx(mean, rel=1e-12)
-    assert rm.std == pytest.approx(std, rel=1e-12)
-    assert rm.count == 13
-
-
-def test_running_moments_returns_batch_stats_and_ignores_empty():
-    rm = RunningMoments()
-    m, s = rm.update(torch.tensor([2.0, 4.0, 6.0, 8.0]))
-    assert m == pytest.approx(5.0)
-    assert s == pytest.approx(math.sqrt(5.0))  # biased: (9+1+1+9)/4
-    before = rm.state_dict()
-    rm.update(torch.tensor([]))
-    assert rm.state_dict() == before
-
-
-def test_running_moments_state_dict_round_trip():
-    rm = RunningMoments()
-    for b in BATCHES[:2]:
-        rm.update(b)
-    other = RunningMoments()
-    other.load_state_dict(rm.state_dict())
-    assert (other.mean, other.var, other.count) == (rm.mean, rm.var, rm.count)
-    for b in BATCHES[2:]:
-        rm.update(b)
-        other.update(b)
-    assert (other.mean, other.var, other.count) == (rm.mean, rm.var, rm.count)
-    cat = torch.cat([b.flatten() for b in BATCHES]).double()
-    assert_close(torch.tensor(other.mean, dtype=torch.float64), cat.mean())
-    assert_close(torch.tensor(other.std, dtype=torch.float64), cat.std(unbiased=False))

@@ -59,100 +59,6 @@ def test_masked_mean_all_false_is_zero_not_nan():
     exact(ops.masked_mean(X, partial, dim=1), torch.tensor([1.5, 0.0]))
 
 
-def test_masked_var_unbiased_and_biased():
-    assert_close(ops.masked_var(X, M, unbiased=True), torch.tensor(10.0 / 4))
-    assert_close(ops.masked_var(X, M, unbiased=False), torch.tensor(10.0 / 5))
-    assert_close(ops.masked_var(X, M), torch.tensor(2.5))  # default is unbiased
-
-
-def test_masked_var_padding_values_do_not_matter():
-    garbage = X.clone()
-    garbage[~M] = 1e30
-    assert_close(ops.masked_var(garbage, M), torch.tensor(2.5))
-    assert_close(ops.masked_var(garbage, M, unbiased=False), torch.tensor(2.0))
-
-
-def test_masked_var_unbiased_needs_two_real_tokens():
-    one = torch.tensor([[T_, F_, F_, F_], [F_, F_, F_, F_]])
-    with pytest.raises(ValueError):
-        ops.masked_var(X, one, unbiased=True)
-    exact(ops.masked_var(X, one, unbiased=False), torch.tensor(0.0))
-
-
-def test_masked_whiten_mean_zero_unit_variance_padding_zero():
-    out = ops.masked_whiten(X, M)
-    s = math.sqrt(2.5 + 1e-8)
-    expected = torch.tensor([[-2 / s, -1 / s, 0.0, 0.0], [1 / s, 2 / s, 0.0, 0.0]])
-    assert_close(out, expected)
-    # padding is exactly zero
-    exact(out[~M], torch.zeros(3))
-    # brute-force statistics over the real tokens only
-    real = [out[i, j].item() for i in range(2) for j in range(4) if M[i, j]]
-    mean = sum(real) / len(real)
-    var = sum((v - mean) ** 2 for v in real) / (len(real) - 1)
-    assert abs(mean) < 1e-6
-    assert abs(var - 1.0) < 1e-5
-
-
-@pytest.mark.parametrize("pad_value", [1e6, -1e9, 1e30])
-def test_masked_whiten_padding_values_do_not_influence(pad_value):
-    garbage = X.clone()
-    garbage[~M] = pad_value
-    exact(ops.masked_whiten(garbage, M), ops.masked_whiten(X, M))
-    exact(ops.masked_whiten(garbage, M, shift_mean=False), ops.masked_whiten(X, M, shift_mean=False))
-    exact(ops.masked_whiten(garbage, M)[~M], torch.zeros(3))
-
-
-def test_masked_whiten_shift_mean_false_restores_mean():
-    out = ops.masked_whiten(X, M, shift_mean=False)
-    s = math.sqrt(2.5 + 1e-8)
-    expected = torch.tensor([[3 - 2 / s, 3 - 1 / s, 3.0, 0.0], [3 + 1 / s, 3 + 2 / s, 0.0, 0.0]])
-    assert_close(out, expected)
-    exact(out[~M], torch.zeros(3))
-    real = [out[i, j].item() for i in range(2) for j in range(4) if M[i, j]]
-    mean = sum(real) / len(real)
-    var = sum((v - mean) ** 2 for v in real) / (len(real) - 1)
-    assert abs(mean - 3.0) < 1e-6
-    assert abs(var - 1.0) < 1e-5
-
-
-def test_masked_whiten_uses_given_statistics():
-    out = ops.masked_whiten(X, M, mean=torch.tensor(1.0), var=torch.tensor(4.0), eps=0.0)
-    expected = torch.tensor([[0.0, 0.5, 1.0, 0.0], [1.5, 2.0, 0.0, 0.0]])
-    assert_close(out, expected)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# explained variance
-# --------------------------------------------------------------------------------------------------------------
-R = torch.tensor([[1.0, 2.0, 3.0, 99.0], [4.0, 5.0, 99.0, 99.0]])  # real returns: 1..5, biased var 2
-
-
-def test_explained_variance_perfect_critic():
-    values = R.clone()
-    values[~M] = -1234.0  # padding must be ignored
-    assert_close(ops.explained_variance(values, R, M), torch.tensor(1.0))
-
-
-def test_explained_variance_mean_predictor_is_zero():
-    values = torch.full_like(R, 3.0)
-    values[~M] = 55.0
-    assert_close(ops.explained_variance(values, R, M), torch.tensor(0.0), atol=1e-6, rtol=0)
-
-
-def test_explained_variance_bad_critic_is_negative():
-    values = -R  # residual = 2 R -> Var = 4 Var[R] -> 1 - 4 = -3
-    ev = ops.explained_variance(values, R, M)
-    assert ev < 0
-    assert_close(ev, torch.tensor(-3.0))
-
-
-def test_explained_variance_hand_value_with_padding_garbage():
-    # residual on real tokens: -1, 0, 1, 0, 0 -> biased var 2/5 ; Var[R] = 2 -> EV = 1 - 0.2 = 0.8
-    values = torch.tensor([[2.0, 2.0, 2.0, 1e6], [4.0, 5.0, -1e6, 3.0]])
-    assert_close(ops.explained_variance(values, R, M), torch.tensor(0.8))
-
-
 # --------------------------------------------------------------------------------------------------------------
 # logprobs and entropy
 # --------------------------------------------------------------------------------------------------------------
@@ -238,7 +144,7 @@ def test_bf16_inputs_return_fp32():
 # --------------------------------------------------------------------------------------------------------------
 # off-by-one (detail 2)
 # --------------------------------------------------------------------------------------------------------------
-def test_response_logits_off_by_one():
+def test_response_positions_off_by_one():
     V = 6
     context = [1, 4, 2]
     response = [5, 3]
@@ -249,9 +155,10 @@ def test_response_logits_off_by_one():
     logits[0, len(seq) - 1, 0] = 30.0  # the last position predicts beyond the sequence
     resp_tokens = torch.tensor([response])
 
-    sliced = ops.response_logits(logits, len(context))
+    sliced = ops.response_positions(logits, len(response))
     assert sliced.shape == (1, 2, V)
-    exact(sliced, logits[:, 2:4])
+    exact(sliced, logits[:, 2:4])  # logits[:, P-1:-1] with P = 3
+    exact(ops.response_positions(logits[:, -3:], len(response)), sliced)  # only the last T + 1 positions computed
 
     lp = ops.logprobs_from_logits(sliced, resp_tokens)
     assert_close(lp, torch.zeros(1, 2), atol=1e-6, rtol=0)

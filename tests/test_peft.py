@@ -164,9 +164,9 @@ def test_adalora_reallocates_ranks_after_optimizer_steps(tokenizer, tmp_path):
 
 
 def test_peft_yaml_mistakes_are_clear_errors():
-    with pytest.raises(ConfigError, match=r"model.peft.lora_alhpa.*did you mean model.peft.lora_alpha"):
+    with pytest.raises(ConfigError, match=r"model.peft.lora_alhpa.*did you mean 'model.peft.lora_alpha'"):
         peft_config_from_dict({"r": 8, "lora_alhpa": 16})
-    with pytest.raises(ConfigError, match="LORRA.*did you mean LORA"):
+    with pytest.raises(ConfigError, match="LORRA.*did you mean 'LORA'"):
         peft_config_from_dict({"peft_type": "LORRA"})
     with pytest.raises(ConfigError, match="prompt-learning"):
         peft_config_from_dict({"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 4})

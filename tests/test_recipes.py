@@ -15,7 +15,8 @@ from transformers import GPT2Config, GPT2ForSequenceClassification
 
 from hfpg import ConfigError
 from hfpg.cli import main
-from hfpg.recipe import apply_overrides, load_recipe
+from hfpg.recipe import load_recipe
+from hfpg.schema import apply_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "recipes" / "configs"
@@ -186,7 +187,7 @@ def test_cli_errors_are_one_clear_message(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert main(["train", str(recipe), "lerning_rate=1", "model.nme_or_path=x", "rewards.0.name=blue"]) == 2
     err = capsys.readouterr().err
-    assert "did you mean 'learning_rate'" in err and "did you mean model.name_or_path" in err
+    assert "did you mean 'learning_rate'" in err and "did you mean 'model.name_or_path'" in err
     assert "unknown reward 'blue'; did you mean 'bleu'" in err and "Traceback" not in err
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: {name_or_path: x}\ndata: {path: json, data_files: missing.jsonl}\n"
@@ -232,7 +233,7 @@ def test_gguf_cache_from_an_older_hfpg_is_repaired_so_the_model_saves_and_merges
     refused save_pretrained (and so merging an adapter) for plain fp32 weights."""
     from transformers import AutoModelForCausalLM
 
-    from hfpg.recipe import materialize_gguf
+    from hfpg.sources import materialize_gguf
 
     cache = tmp_path / "gguf" / "pkg-model.Q4.gguf"
     tiny_llama(tokenizer).save_pretrained(cache)

@@ -7,8 +7,8 @@ import torch
 from conftest import tiny_gpt2, tiny_llama
 
 from hfpg import AutoModelForCausalLMWithValueHead, PGConfig
-from hfpg.rollout import (build_generation_config, decode_completions, generate_responses, sequence_forward,
-                          tokenize_prompts)
+from hfpg.forward import sequence_forward
+from hfpg.rollout import build_generation_config, decode_completions, generate_responses, tokenize_prompts
 
 ARCHS = {"gpt2": tiny_gpt2, "llama": tiny_llama}
 
@@ -158,7 +158,7 @@ def test_rollout_select_keeps_the_rows_asked_for():
 
     from hfpg.rollout import Rollout
 
-    r = Rollout(query_ids=torch.arange(8).view(4, 2), query_mask=torch.ones(4, 2, dtype=torch.bool),
+    r = Rollout(prompt_ids=torch.arange(8).view(4, 2), prompt_mask=torch.ones(4, 2, dtype=torch.bool),
                 response_ids=torch.arange(12).view(4, 3), response_mask=torch.ones(4, 3, dtype=torch.bool),
                 has_stop=torch.tensor([True, False, True, False]), scores=torch.tensor([0.0, 1.0, 2.0, 3.0]),
                 components={"a": torch.tensor([5.0, 6.0, 7.0, 8.0])}, prompts=["p0", "p1", "p2", "p3"],

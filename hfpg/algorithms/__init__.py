@@ -1,17 +1,29 @@
-"""Update rules. Each is a small object with ``compute_advantages`` and ``update``; the trainer loop is shared."""
+"""Update rules: each is an :class:`UpdateRule` (advantages, the update step, its abilities); the trainer's loop is
+shared. ``config.algorithm`` names one of :data:`ALGORITHMS`."""
 
-from .ppo import PPO, REINFORCE, MinibatchPolicyGradient
+from __future__ import annotations
+
+from .base import UpdateRule
+from .minibatch import MinibatchPolicyGradient
+from .ppo import PPO
+from .reinforce import REINFORCE
 from .trpo import TRPO
 
-ALGORITHMS = {"ppo": PPO, "reinforce": REINFORCE, "trpo": TRPO}
+ALGORITHMS: dict[str, type[UpdateRule]] = {rule.name: rule for rule in (PPO, REINFORCE, TRPO)}
 
 
-def build_algorithm(config):
+def rule_class(name: str) -> type[UpdateRule] | None:
+    """The update rule registered under ``name`` (None for an unknown name)."""
+    return ALGORITHMS.get(name)
+
+
+def build_algorithm(config) -> UpdateRule:
     """The update rule named by ``config.algorithm``."""
-    try:
-        return ALGORITHMS[config.algorithm](config)
-    except KeyError:
-        raise ValueError(f"unknown algorithm {config.algorithm!r}; choose one of {sorted(ALGORITHMS)}") from None
+    rule = rule_class(config.algorithm)
+    if rule is None:
+        raise ValueError(f"unknown algorithm {config.algorithm!r}; choose one of {sorted(ALGORITHMS)}")
+    return rule(config)
 
 
-__all__ = ["ALGORITHMS", "PPO", "REINFORCE", "TRPO", "MinibatchPolicyGradient", "build_algorithm"]
+__all__ = ["ALGORITHMS", "PPO", "REINFORCE", "TRPO", "MinibatchPolicyGradient", "UpdateRule", "build_algorithm",
+           "rule_class"]

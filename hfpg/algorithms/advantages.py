@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from .. import ops
-from .common import global_sum, global_whiten
+from ..stats import global_moments, global_whiten
 
 
 class MovingAverageBaseline:
@@ -64,15 +64,12 @@ def compute_advantages(rollout, scores: torch.Tensor, kl_coef: float, config, ac
         elif cfg.baseline == "value":
             advantages = returns - rollout.values
         elif cfg.baseline == "moving_average":
-            total = global_sum(accelerator, torch.stack([seq_returns.sum(), torch.tensor(
-                float(seq_returns.numel()), device=seq_returns.device)]).double()).tolist()
-            advantages = returns - moving_average(total[0] / total[1])
+            batch = global_moments(accelerator, {"returns": seq_returns}, device=seq_returns.device)["returns"]
+            advantages = returns - moving_average(batch.mean)
         elif cfg.baseline == "leave_one_out":
             advantages = returns - ops.leave_one_out_baseline(seq_returns, k).unsqueeze(1)
         elif cfg.baseline == "group_norm":
-            g = seq_returns.view(-1, k)
-            mean, std = g.mean(1, keepdim=True), g.std(1, keepdim=True)
-            advantages = (returns - mean.repeat_interleave(k, 0)) / (std.repeat_interleave(k, 0) + 1e-6)
+            advantages = ops.group_normalized(returns, seq_returns, k)
         else:  # pragma: no cover - the config validates the choice
             raise ValueError(f"unknown baseline {cfg.baseline!r}")
         advantages = torch.where(mask, advantages, 0.0)

@@ -13,18 +13,29 @@ surrogate values are summed over processes, so every process takes the same step
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .. import ops
-from ..rollout import _call_lm
-from .common import global_sum
-from .ppo import MinibatchPolicyGradient
+from ..forward import response_outputs
+from ..stats import global_sum
+from .base import UpdateRule
 
 
-class TRPO(MinibatchPolicyGradient):
+class TRPO(UpdateRule):
+    """A natural-gradient step inside a KL trust region of ``max_kl``; the value head has its own Adam."""
+
     name = "trpo"
+    replay_refusal = "replay is for ppo and reinforce; TRPO's trust region is defined around the current policy"
+    sharded_engine_refusal = ("algorithm=trpo flattens and line-searches every trainable weight itself, which a "
+                              "DeepSpeed or FSDP engine does not allow; use DDP (recipes/accelerate/ddp.yaml) or "
+                              "ppo/reinforce")
+    optimizer_hook_refusal = ("AdaLoRA needs an optimizer-step algorithm (ppo or reinforce), not trpo: the "
+                              "natural-gradient step does not go through the optimizer; use LoRA (or another adapter "
+                              "method) for TRPO")
 
     def __init__(self, config):
         super().__init__(config)
@@ -47,15 +58,10 @@ class TRPO(MinibatchPolicyGradient):
         return [torch.arange(s, min(s + size, rollout.batch_size), device=rollout.response_mask.device)
                 for s in range(0, rollout.batch_size, size)]
 
-    def _log_dist(self, policy, rollout, idx) -> torch.Tensor:
+    def _log_dist(self, lm, rollout, idx) -> torch.Tensor:
         """Temperature-scaled log-softmax over the vocabulary at each response position: (b, T, V) fp32."""
-        q, qm = rollout.query_ids[idx], rollout.query_mask[idx]
-        r, rm = rollout.response_ids[idx], rollout.response_mask[idx]
-        ids = torch.cat([q, r], 1)
-        att = torch.cat([qm.long(), rm.long()], 1)
-        T = r.shape[1]
-        logits = _call_lm(policy, ids, att, ops.position_ids_from_attention_mask(att), keep=T + 1).logits
-        return torch.log_softmax(logits[:, -(T + 1) : -1].float() / self.config.temperature, dim=-1)
+        logits = response_outputs(lm, **rollout.sequences(idx)).logits
+        return torch.log_softmax(logits.float() / self.config.temperature, dim=-1)
 
     def _surrogate(self, log_dist, rollout, idx, advantages, kl_coef) -> torch.Tensor:
         """Σ over this micro-batch's real tokens of w·r·A (+ bonuses); divided by the global token count later."""
@@ -79,7 +85,9 @@ class TRPO(MinibatchPolicyGradient):
 
     # ---- the update -------------------------------------------------------------------------------------------------
     def update(self, model, optimizer, scheduler, accelerator, rollout, advantages: torch.Tensor,
-               returns: torch.Tensor, kl_coef: float = 0.0) -> dict[str, float]:
+               returns: torch.Tensor, kl_coef: float = 0.0, first_forward: dict | None = None) -> dict[str, float]:
+        """One trust-region step of the trainable policy weights (``optimizer`` and ``scheduler`` are not used: the
+        step is the natural gradient's), then the value-head fit."""
         cfg = self.config
         policy = accelerator.unwrap_model(model)  # plain forwards: every reduction below is explicit
         policy.train()
@@ -89,7 +97,7 @@ class TRPO(MinibatchPolicyGradient):
         device = rollout.response_mask.device
         micro = self._micro_batches(rollout, accelerator)
         n_tok = global_sum(accelerator, rollout.response_mask.sum().double()).clamp(min=1.0)
-        reduce = lambda x: global_sum(accelerator, x)  # noqa: E731
+        reduce = functools.partial(global_sum, accelerator)  # every sum below is over all processes
 
         # old distributions (no grad) and the policy gradient g at θ_old
         old = []
@@ -140,7 +148,7 @@ class TRPO(MinibatchPolicyGradient):
                         "trpo/surrogate_gain": gain if accepted else 0.0, "trpo/line_search_tries": float(tries),
                         "trpo/step_fraction": frac if accepted else 0.0, "policy/approxkl": kl_new if accepted else 0.0,
                         "loss/policy": -float(surrogate_old)})
-        if cfg.uses_critic:
+        if self.uses_critic:
             metrics.update(self._fit_value_head(policy, rollout, returns, accelerator))
         return metrics
 
@@ -163,17 +171,9 @@ class TRPO(MinibatchPolicyGradient):
             pending = self._pending_value_state
             if pending:
                 self.value_optimizer.load_state_dict(pending)
-        hidden = []
         with torch.no_grad():
-            for idx in self._micro_batches(rollout, accelerator):
-                q, qm = rollout.query_ids[idx], rollout.query_mask[idx]
-                r, rm = rollout.response_ids[idx], rollout.response_mask[idx]
-                ids, att = torch.cat([q, r], 1), torch.cat([qm.long(), rm.long()], 1)
-                T = r.shape[1]
-                out = policy(ids, attention_mask=att, position_ids=ops.position_ids_from_attention_mask(att),
-                             logits_to_keep=T + 1, return_last_hidden_state=True)
-                hidden.append(out.last_hidden_state[:, -(T + 1) : -1])
-        hidden = torch.cat(hidden)  # (B, T, H)
+            hidden = torch.cat([response_outputs(policy, **rollout.sequences(idx), last_hidden_state=True).hidden
+                                for idx in self._micro_batches(rollout, accelerator)])  # (B, T, H)
         mask = rollout.response_mask
         n_tok = global_sum(accelerator, mask.sum().float()).clamp(min=1.0)
         first = last = None
@@ -194,8 +194,6 @@ class TRPO(MinibatchPolicyGradient):
 def _math_attention():
     """Scaled-dot-product attention on the math backend, which (unlike flash/efficient kernels) supports the double
     backward of Fisher-vector products."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     return sdpa_kernel([SDPBackend.MATH])
 
 

@@ -9,9 +9,10 @@ from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 import torch
 
+from ..errors import RewardError
 
-class RewardError(ValueError):
-    """A reward function returned something unusable; the message names the function and the batch."""
+__all__ = ["Reward", "RewardError", "RewardFunction", "check_scores", "compute_scores", "get_references",
+           "reward_name"]
 
 
 @runtime_checkable

@@ -7,7 +7,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from ..normalize import RunningMoments
+from ..stats import Moments, RunningMoments
 from .base import Reward, RewardError, call_reward, check_scores, reward_name, setup_reward
 
 NORMALIZE = ("none", "batch", "running")
@@ -108,11 +108,8 @@ class CombinedReward(Reward):
         """(B,) -> (B,): z-score over the global batch, or over everything seen so far."""
         if self.normalize == "none":
             return scores
-        everything = self._gather(scores)  # the same statistics on every process
-        if self.normalize == "batch":
-            mean = everything.double().mean()
-            std = everything.double().std(unbiased=False)
-        else:
-            self.moments[name].update(everything)
-            mean, std = self.moments[name].mean, self.moments[name].std
-        return ((scores.double() - mean) / (std + self.eps)).float()
+        batch = Moments.of(self._gather(scores))  # the same statistics on every process
+        if self.normalize == "running":
+            self.moments[name].update(batch)
+            batch = self.moments[name].moments
+        return ((scores.double() - batch.mean) / (batch.std + self.eps)).float()

@@ -17,9 +17,11 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from ..modeling import disable_dropout
 from ..ops import logprobs_from_logits, masked_sum
+from ..stats import Moments
 from .base import Reward, RewardError
 
 NORMALIZATION_FILE = "reward_normalization.json"
@@ -59,7 +61,7 @@ def _chunks(lengths: list[int], batch_size: int):
 class _ModelReward(Reward):
     """What both model rewards share: lazy loading, ``setup``, input checks and inference mode."""
 
-    _auto_class_name = ""  # AutoModelFor... used to load a Hub id / local path
+    _auto_class: type | None = None  # the AutoModelFor... class that loads a Hub id / local path
 
     def __init__(self, model, tokenizer, batch_size: int, model_kwargs: dict | None, name: str):
         if isinstance(model, (str, os.PathLike)):
@@ -82,18 +84,15 @@ class _ModelReward(Reward):
     # ---- loading ------------------------------------------------------------------------------------------------
     def _load(self) -> None:
         """Load the model and tokenizer if they were given as ids/paths, then let the subclass resolve its settings."""
-        import transformers
-
         if self.model is None:
-            auto = getattr(transformers, self._auto_class_name)
-            self.model = auto.from_pretrained(self.source, **_pretrained_kwargs(self.model_kwargs))
+            self.model = self._auto_class.from_pretrained(self.source, **_pretrained_kwargs(self.model_kwargs))
         if self.tokenizer is None or isinstance(self.tokenizer, str):
             tok_source = self.tokenizer or self.source or getattr(self.model, "name_or_path", None)
             if not tok_source:
                 raise ValueError(f"{type(self).__name__}: the model was given already loaded and has no "
                                  f"name_or_path to load a tokenizer from; pass tokenizer=")
             tok_kwargs = {k: v for k, v in self.model_kwargs.items() if k in _SHARED_KWARGS}
-            self.tokenizer = transformers.AutoTokenizer.from_pretrained(tok_source, **tok_kwargs)
+            self.tokenizer = AutoTokenizer.from_pretrained(tok_source, **tok_kwargs)
         self._after_load()
         self._loaded = True
 
@@ -166,7 +165,7 @@ class LMLikelihoodReward(_ModelReward):
     left (at least one is kept), then completion tokens from the right.
     """
 
-    _auto_class_name = "AutoModelForCausalLM"
+    _auto_class = AutoModelForCausalLM
 
     def __init__(self, model="gpt2", tokenizer=None, condition_on_prompt: bool = True, output: str = "mean_logprob",
                  batch_size: int = 16, max_length: int | None = None, model_kwargs: dict | None = None,
@@ -261,7 +260,7 @@ class RewardModelReward(_ModelReward):
     :meth:`fit_normalization` measures mean and std on reference samples, :meth:`save_normalization` writes them.
     """
 
-    _auto_class_name = "AutoModelForSequenceClassification"
+    _auto_class = AutoModelForSequenceClassification
 
     def __init__(self, model, tokenizer=None, output: str = "logit", label: int | str | None = None,
                  input_format: str = "concat", batch_size: int = 16, max_length: int | None = 512,
@@ -386,7 +385,7 @@ class RewardModelReward(_ModelReward):
 
     # ---- normalisation (detail 16) ------------------------------------------------------------------------------
     def fit_normalization(self, prompts: list[str], completions: list[str], **columns: Any) -> dict:
-        """Score reference samples raw and keep their mean and (population) std, so they then score mean 0, std 1.
+        """Score reference samples raw and keep their mean and std, so that they then score mean 0, std 1.
 
         After ``setup(gather=...)`` the raw scores of all processes are gathered first, so every process agrees.
         Returns (and stores as ``self.normalization``) ``{"mean", "std", "n"}``.
@@ -397,7 +396,8 @@ class RewardModelReward(_ModelReward):
         if raw.numel() < 2:
             raise ValueError(f"reward {self.name!r}: fit_normalization needs at least 2 reference samples, "
                              f"got {raw.numel()}")
-        mean, std = raw.mean().item(), raw.std(unbiased=False).item()
+        moments = Moments.of(raw)
+        mean, std = moments.mean, moments.std
         if not std > 0 or not math.isfinite(std):
             raise ValueError(f"reward {self.name!r}: the reference samples' scores have std {std} (all {mean:.6g}?); "
                              f"normalisation needs samples the reward model scores differently")

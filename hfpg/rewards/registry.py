@@ -18,7 +18,6 @@ A function with ``kwargs`` gets them bound (``functools.partial``); a class is i
 
 from __future__ import annotations
 
-import difflib
 import functools
 import importlib
 import importlib.util
@@ -26,27 +25,32 @@ import os
 import sys
 from typing import Any
 
+from ..errors import ConfigError
+from ..schema import closest, format_problems
+from ..sources import is_hub_id, materialize_gguf, relative_to, resolve_source
+from .combined import CombinedReward
+from .metrics import BLEUReward, ChrFReward, EvaluateMetricReward, ROUGEReward, TERReward
+from .models import LMLikelihoodReward, RewardModelReward
+from .shaping import LengthPenalty, RepetitionPenalty
+
 SPEC_KEYS = ("name", "weight", "kwargs", "label")
 
-
-BUILTINS = {  # name -> (module in hfpg.rewards, class); imported only when used (some pull in heavy libraries)
-    "bleu": ("metrics", "BLEUReward"), "chrf": ("metrics", "ChrFReward"), "ter": ("metrics", "TERReward"),
-    "rouge": ("metrics", "ROUGEReward"), "evaluate": ("metrics", "EvaluateMetricReward"),
-    "lm_likelihood": ("models", "LMLikelihoodReward"), "reward_model": ("models", "RewardModelReward"),
-    "length_penalty": ("shaping", "LengthPenalty"), "repetition_penalty": ("shaping", "RepetitionPenalty"),
+BUILTINS = {  # YAML name -> class; the classes import their scoring libraries (sacrebleu, ...) only when built
+    "bleu": BLEUReward, "chrf": ChrFReward, "ter": TERReward, "rouge": ROUGEReward, "evaluate": EvaluateMetricReward,
+    "lm_likelihood": LMLikelihoodReward, "reward_model": RewardModelReward, "length_penalty": LengthPenalty,
+    "repetition_penalty": RepetitionPenalty,
 }
 BUILTIN_NAMES = tuple(BUILTINS)
 
 
 def builtin_reward(name: str) -> type:
     """The class of built-in reward ``name``."""
-    module, cls = BUILTINS[name]
-    return getattr(importlib.import_module(f"hfpg.rewards.{module}"), cls)
+    return BUILTINS[name]
 
 
 def builtin_rewards() -> dict[str, type]:
     """Name -> class of every built-in reward."""
-    return {name: builtin_reward(name) for name in BUILTINS}
+    return dict(BUILTINS)
 
 
 def spec_problems(specs: Any) -> list[str]:
@@ -65,15 +69,15 @@ def spec_problems(specs: Any) -> list[str]:
             continue
         for key in spec:
             if key not in SPEC_KEYS:
-                close = difflib.get_close_matches(str(key), SPEC_KEYS, n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else f"; allowed keys are {list(SPEC_KEYS)}"
+                close = closest(key, SPEC_KEYS)
+                hint = f"; did you mean {close!r}?" if close else f"; allowed keys are {list(SPEC_KEYS)}"
                 problems.append(f"{where} has an unknown key {key!r}{hint}")
         name = spec.get("name")
         if not isinstance(name, str) or not name:
             problems.append(f"{where} needs a 'name': a built-in ({', '.join(BUILTIN_NAMES)}) or module:function")
         elif ":" not in name and name not in BUILTIN_NAMES:
-            close = difflib.get_close_matches(name, BUILTIN_NAMES, n=1, cutoff=0.5)
-            hint = f"did you mean {close[0]!r}? " if close else ""
+            close = closest(name, BUILTIN_NAMES, cutoff=0.5)
+            hint = f"did you mean {close!r}? " if close else ""
             problems.append(f"{where}: unknown reward {name!r}; {hint}built-ins are {list(BUILTIN_NAMES)}, "
                             f"or give module:function / path/to/file.py:function")
         weight = spec.get("weight", 1.0)
@@ -90,10 +94,10 @@ def resolve_callable(target: str, base_dir: str | None = None):
     if not module_name or not attr:
         raise ValueError(f"{target!r} is not of the form module:function or path/to/file.py:function")
     if module_name.endswith(".py"):
-        candidates = [module_name] + ([os.path.join(base_dir, module_name)] if base_dir else [])
-        path = next((p for p in candidates if os.path.isfile(p)), None)
-        if path is None:
-            raise ValueError(f"reward file {module_name!r} not found (looked in {candidates})")
+        path = relative_to(module_name, base_dir)
+        if not os.path.isfile(path):
+            looked = [module_name] + ([os.path.join(base_dir, module_name)] if base_dir else [])
+            raise ValueError(f"reward file {module_name!r} not found (looked in {looked})")
         mod_name = f"hfpg_user_rewards_{abs(hash(os.path.abspath(path)))}"
         spec = importlib.util.spec_from_file_location(mod_name, path)
         module = importlib.util.module_from_spec(spec)
@@ -130,27 +134,21 @@ def build_reward_part(spec: dict | str, base_dir: str | None = None):
             fn = target
     else:
         for key in ("model", "tokenizer", "metric"):  # relative paths next to the YAML work from any directory
-            value = kwargs.get(key)
-            if (isinstance(value, str) and base_dir and not os.path.isabs(value) and not os.path.exists(value)
-                    and os.path.exists(os.path.join(base_dir, value))):
-                kwargs[key] = os.path.join(base_dir, value)
+            if key in kwargs:
+                kwargs[key] = relative_to(kwargs[key], base_dir)
         model_kwargs = kwargs.get("model_kwargs") or {}
         model = kwargs.get("model")
-        from ..hub import is_hub_id
-
         if isinstance(model, str) and not model.startswith("pkg:") and not os.path.exists(model) \
                 and not is_hub_id(model):  # a local path that is not there (a Hub id downloads later)
             raise ValueError(f"reward {spec.get('label') or name!r}: model folder {model!r} does not exist (relative "
                              f"paths are tried from the working directory, then next to the recipe); train or "
                              f"download it first")
         if isinstance(model, str) and (model.startswith("pkg:") or model_kwargs.get("gguf_file")):
-            from ..recipe import materialize_gguf, resolve_path
-
             if model_kwargs.get("gguf_file"):  # a GGUF scorer: de-quantised once, cached like the policy
                 kwargs["model"] = materialize_gguf(kwargs["model"], model_kwargs["gguf_file"])
                 kwargs["model_kwargs"] = {k: v for k, v in model_kwargs.items() if k != "gguf_file"}
             else:
-                kwargs["model"] = resolve_path(kwargs["model"])
+                kwargs["model"] = resolve_source(kwargs["model"])
         try:
             fn = builtin_reward(name)(**kwargs)
         except TypeError as e:
@@ -176,14 +174,11 @@ class _Labelled:
 def build_reward(specs: list, normalize: str = "none", clip: float | None = None, nonfinite: float | None = None,
                  base_dir: str | None = None):
     """A :class:`CombinedReward` from a ``rewards:`` list (validated first, with every problem in one error)."""
-    from ..config import ConfigError
-    from .combined import CombinedReward
-
     problems = spec_problems(specs)
     if not specs:
         problems.append("rewards is empty: declare at least one reward")
     if problems:
-        raise ConfigError("invalid rewards:\n" + "\n".join(f"  - {p}" for p in problems), problems)
+        raise ConfigError(format_problems("invalid rewards", problems), problems)
     parts = []
     for i, spec in enumerate(specs):
         try:
