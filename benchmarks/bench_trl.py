@@ -39,10 +39,12 @@ MEMORY_TARGET = 1.0  # hfpg peak RSS <= TRL's
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--repeats", type=int, default=3,
-                   help="rounds of fresh processes (one per worker) to take medians over")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument(
+        "--repeats", type=int, default=3, help="rounds of fresh processes (one per worker) to take medians over"
+    )
     p.add_argument("--steps", type=int, default=6, help="measured steps per process")
     p.add_argument("--warmup", type=int, default=2, help="unmeasured steps first, per process")
     p.add_argument("--prompts", type=int, default=8, help="distinct prompts per step")
@@ -52,15 +54,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-prompts", type=int, default=64, help="prompts in the training set")
     p.add_argument("--beta", type=float, default=0.05, help="KL coefficient: hfpg kl_coef, TRL beta (nonzero)")
     p.add_argument("--learning-rate", type=float, default=1e-5)
-    p.add_argument("--threads", type=int, default=default_threads(),
-                   help="OMP_NUM_THREADS and torch.set_num_threads of every worker")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=default_threads(),
+        help="OMP_NUM_THREADS and torch.set_num_threads of every worker",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", default="hfpg,trl-rloo,trl-grpo", help=f"comma-separated subset of {list(WORKERS)}")
-    p.add_argument("--peers-python", default=os.path.join(ROOT, ".venv-peers", "bin", "python"),
-                   help="python of the venv with trl (make bench-trl creates .venv-peers)")
+    p.add_argument(
+        "--peers-python",
+        default=os.path.join(ROOT, ".venv-peers", "bin", "python"),
+        help="python of the venv with trl (make bench-trl creates .venv-peers)",
+    )
     p.add_argument("--python", default=sys.executable, help="python of the venv with hfpg")
-    p.add_argument("--wait-idle", type=float, default=60.0, metavar="SECONDS",
-                   help="before each worker, wait up to this long for the CPUs to be >= 90%% idle (0 = start at once)")
+    p.add_argument(
+        "--wait-idle",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="before each worker, wait up to this long for the CPUs to be >= 90%% idle (0 = start at once)",
+    )
     p.add_argument("--json", metavar="PATH", default=None, help="also write the runs and the summary as JSON")
     args = p.parse_args(argv)
     for name in ("repeats", "steps", "prompts", "max_new_tokens", "prompt_length", "threads"):
@@ -97,26 +111,63 @@ def build_inputs(args, workdir: str) -> tuple[str, str, dict]:
     prompts_file = os.path.join(workdir, "prompts.json")
     with open(prompts_file, "w") as f:
         json.dump({"prompts": prompts}, f)
-    info = {"params": sum(p.numel() for p in model.parameters()), "vocab": len(tokenizer),
-            "prompt_tokens_mean": statistics.mean(lengths), "prompt_tokens_min": min(lengths),
-            "prompt_tokens_max": max(lengths), "num_prompts": len(prompts)}
+    info = {
+        "params": sum(p.numel() for p in model.parameters()),
+        "vocab": len(tokenizer),
+        "prompt_tokens_mean": statistics.mean(lengths),
+        "prompt_tokens_min": min(lengths),
+        "prompt_tokens_max": max(lengths),
+        "num_prompts": len(prompts),
+    }
     return model_dir, prompts_file, info
 
 
 def worker_command(args, name: str, model_dir: str, prompts_file: str, out: str) -> list[str]:
     _, script, extra, peers = WORKERS[name]
     python = args.peers_python if peers else args.python
-    return [python, os.path.join(HERE, script), *extra, "--model-dir", model_dir, "--prompts-file", prompts_file,
-            "--prompts", str(args.prompts), "--samples-per-prompt", str(args.samples_per_prompt),
-            "--max-new-tokens", str(args.max_new_tokens), "--steps", str(args.steps), "--warmup", str(args.warmup),
-            "--beta", repr(args.beta), "--learning-rate", repr(args.learning_rate), "--threads", str(args.threads),
-            "--seed", str(args.seed), "--json", out]
+    return [
+        python,
+        os.path.join(HERE, script),
+        *extra,
+        "--model-dir",
+        model_dir,
+        "--prompts-file",
+        prompts_file,
+        "--prompts",
+        str(args.prompts),
+        "--samples-per-prompt",
+        str(args.samples_per_prompt),
+        "--max-new-tokens",
+        str(args.max_new_tokens),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--beta",
+        repr(args.beta),
+        "--learning-rate",
+        repr(args.learning_rate),
+        "--threads",
+        str(args.threads),
+        "--seed",
+        str(args.seed),
+        "--json",
+        out,
+    ]
 
 
 def worker_env(threads: int) -> dict:
     env = dict(os.environ)
-    env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false",
-                "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "true", "CUDA_VISIBLE_DEVICES": ""})
+    env.update(
+        {
+            "OMP_NUM_THREADS": str(threads),
+            "MKL_NUM_THREADS": str(threads),
+            "TOKENIZERS_PARALLELISM": "false",
+            "HF_HUB_OFFLINE": "1",
+            "ACCELERATE_USE_CPU": "true",
+            "CUDA_VISIBLE_DEVICES": "",
+        }
+    )
     env.pop("PYTHONPATH", None)  # each venv sees only its own packages
     return env
 
@@ -126,8 +177,10 @@ def run_worker(args, name: str, model_dir: str, prompts_file: str, workdir: str,
     cmd = worker_command(args, name, model_dir, prompts_file, out)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=worker_env(args.threads), check=False)
     if proc.returncode != 0:
-        sys.exit(f"bench_trl: worker {name} failed (exit {proc.returncode}):\n  {' '.join(cmd)}\n"
-                 f"{(proc.stdout + proc.stderr)[-4000:]}")
+        sys.exit(
+            f"bench_trl: worker {name} failed (exit {proc.returncode}):\n  {' '.join(cmd)}\n"
+            f"{(proc.stdout + proc.stderr)[-4000:]}"
+        )
     with open(out) as f:
         return json.load(f)
 
@@ -173,16 +226,23 @@ def run_stats(run: dict) -> dict:
     """One worker process: median step time, tokens per step, tokens/s (= tokens per step / step time), memory."""
     step = statistics.median(run["step_seconds"])
     tokens = statistics.median(run["tokens_per_step"])
-    stats = {"step_seconds": step, "best_step_seconds": min(run["step_seconds"]), "tokens_per_step": tokens,
-             "tokens_per_second": tokens / step, "peak_rss_mib": run["peak_rss_mib"],
-             "setup_rss_mib": run["setup_rss_mib"],
-             "completion_length_mean": run["completion_length_mean"], "setup_seconds": run["setup_seconds"]}
+    stats = {
+        "step_seconds": step,
+        "best_step_seconds": min(run["step_seconds"]),
+        "tokens_per_step": tokens,
+        "tokens_per_second": tokens / step,
+        "peak_rss_mib": run["peak_rss_mib"],
+        "setup_rss_mib": run["setup_rss_mib"],
+        "completion_length_mean": run["completion_length_mean"],
+        "setup_seconds": run["setup_seconds"],
+    }
     if run.get("cpu_seconds"):
         stats["cpu_seconds"] = statistics.median(run["cpu_seconds"])
         threads = (run.get("settings") or {}).get("threads") or run.get("threads")
         if threads:  # process CPU time / (wall time x threads): about 1 when the worker had its cores to itself
-            stats["cpu_share"] = statistics.median(c / (t * threads) for c, t in zip(run["cpu_seconds"],
-                                                                                     run["step_seconds"]))
+            stats["cpu_share"] = statistics.median(
+                c / (t * threads) for c, t in zip(run["cpu_seconds"], run["step_seconds"])
+            )
     for k, values in (run.get("phase_seconds") or {}).items():
         stats[f"phase/{k}"] = statistics.median(values)
     return stats
@@ -205,29 +265,54 @@ def summarize(runs: dict[str, list[dict]]) -> dict:
         h = workers["hfpg"]
         for name, w in workers.items():
             if name != "hfpg":
-                ratios[name] = {k: h[k] / w[k] for k in ("step_seconds", "best_step_seconds", "tokens_per_second",
-                                                         "peak_rss_mib",
-                                                         "setup_rss_mib", "cpu_seconds") if k in h and k in w}
+                ratios[name] = {
+                    k: h[k] / w[k]
+                    for k in (
+                        "step_seconds",
+                        "best_step_seconds",
+                        "tokens_per_second",
+                        "peak_rss_mib",
+                        "setup_rss_mib",
+                        "cpu_seconds",
+                    )
+                    if k in h and k in w
+                }
     tokens = {name: w["tokens_per_step"] for name, w in workers.items()}
     lengths = {name: w["completion_length_mean"] for name, w in workers.items()}
     equal = len(set(tokens.values())) == 1 and len(set(lengths.values())) == 1
-    return {"workers": workers, "ratios": ratios,
-            "equal_work": {"ok": equal, "tokens_per_step": tokens, "completion_length_mean": lengths}}
+    return {
+        "workers": workers,
+        "ratios": ratios,
+        "equal_work": {"ok": equal, "tokens_per_step": tokens, "completion_length_mean": lengths},
+    }
 
 
-def _target(name: str, goal: str, value: float, bound: float, ratio: float, limit: float, unit: str, fmt: str,
-            miss_note: str) -> dict:
+def _target(
+    name: str, goal: str, value: float, bound: float, ratio: float, limit: float, unit: str, fmt: str, miss_note: str
+) -> dict:
     """One target: met when ``value <= bound``; the detail says by how much either way (``miss_note`` follows the
     ratio in the parenthesis of a miss)."""
     met = value <= bound
     if met:
-        detail = (f"met: {value:{fmt}} {unit} <= {bound:{fmt}} {unit} (ratio {ratio:.2f}, "
-                  f"{bound - value:{fmt}} {unit} to spare)")
+        detail = (
+            f"met: {value:{fmt}} {unit} <= {bound:{fmt}} {unit} (ratio {ratio:.2f}, "
+            f"{bound - value:{fmt}} {unit} to spare)"
+        )
     else:
-        detail = (f"MISSED by {value - bound:{fmt}} {unit}: {value:{fmt}} {unit} > {bound:{fmt}} {unit} "
-                  f"(ratio {ratio:.2f}{miss_note}")
-    return {"name": name, "goal": goal, "ratio": ratio, "limit": limit, "met": met, "hfpg": value, "bound": bound,
-            "detail": detail}
+        detail = (
+            f"MISSED by {value - bound:{fmt}} {unit}: {value:{fmt}} {unit} > {bound:{fmt}} {unit} "
+            f"(ratio {ratio:.2f}{miss_note}"
+        )
+    return {
+        "name": name,
+        "goal": goal,
+        "ratio": ratio,
+        "limit": limit,
+        "met": met,
+        "hfpg": value,
+        "bound": bound,
+        "detail": detail,
+    }
 
 
 def check_targets(summary: dict) -> list[dict]:
@@ -238,15 +323,36 @@ def check_targets(summary: dict) -> list[dict]:
     h = w["hfpg"]
     if "trl-rloo" in w:
         t, bound = h["step_seconds"], SPEED_TARGET * w["trl-rloo"]["step_seconds"]
-        targets.append(_target("step time", f"hfpg <= {SPEED_TARGET:g} x TRL RLOO", t, bound,
-                               t / w["trl-rloo"]["step_seconds"], SPEED_TARGET, "s", ".3f",
-                               f" > {SPEED_TARGET:g}); hfpg's step must get {(1 - bound / t) * 100:.0f}% shorter"))
+        targets.append(
+            _target(
+                "step time",
+                f"hfpg <= {SPEED_TARGET:g} x TRL RLOO",
+                t,
+                bound,
+                t / w["trl-rloo"]["step_seconds"],
+                SPEED_TARGET,
+                "s",
+                ".3f",
+                f" > {SPEED_TARGET:g}); hfpg's step must get {(1 - bound / t) * 100:.0f}% shorter",
+            )
+        )
     for name in ("trl-rloo", "trl-grpo"):
         if name in w:
             m, bound = h["peak_rss_mib"], MEMORY_TARGET * w[name]["peak_rss_mib"]
             ratio = m / w[name]["peak_rss_mib"]
-            targets.append(_target(f"peak memory vs {name}", f"hfpg peak RSS <= {WORKERS[name][0]}'s", m, bound,
-                                   ratio, MEMORY_TARGET, "MiB", ".0f", f", {(ratio - 1) * 100:.0f}% over)"))
+            targets.append(
+                _target(
+                    f"peak memory vs {name}",
+                    f"hfpg peak RSS <= {WORKERS[name][0]}'s",
+                    m,
+                    bound,
+                    ratio,
+                    MEMORY_TARGET,
+                    "MiB",
+                    ".0f",
+                    f", {(ratio - 1) * 100:.0f}% over)",
+                )
+            )
     return targets
 
 
@@ -255,8 +361,11 @@ def format_table(summary: dict) -> str:
     w, ratios = summary["workers"], summary["ratios"]
     names = list(w)
     others = [n for n in names if n in ratios]
-    head = ["", *[WORKERS.get(n, (n,))[0] for n in names],
-            *[f"hfpg / {WORKERS.get(n, (n,))[0].replace('TRL ', '').replace('Trainer', '')}" for n in others]]
+    head = [
+        "",
+        *[WORKERS.get(n, (n,))[0] for n in names],
+        *[f"hfpg / {WORKERS.get(n, (n,))[0].replace('TRL ', '').replace('Trainer', '')}" for n in others],
+    ]
     rows = [
         ("step time (s, median)", "step_seconds", "{:.3f}", True),
         ("step time (s, fastest step of all rounds)", "best_step_seconds", "{:.3f}", True),
@@ -285,16 +394,21 @@ def format_phase_table(summary: dict) -> str:
     names = [n for n in w if f"phase/{PHASES[0]}" in w[n]]
     if not names:
         return ""
-    labels = {"generate": "generate",
-              "policy_forward": "policy forward for old log-probs (TRL RLOO: no-grad; hfpg: the update's own)",
-              "rest": "rest: loss forward (TRL) + backward + optimizer + bookkeeping",
-              "ref_forward": "reference forward", "reward": "reward",
-}
-    lines = ["| phase (median s per step) | " + " | ".join(WORKERS.get(n, (n,))[0] for n in names) + " |",
-             "|" + "---|" * (len(names) + 1)]
+    labels = {
+        "generate": "generate",
+        "policy_forward": "policy forward for old log-probs (TRL RLOO: no-grad; hfpg: the update's own)",
+        "rest": "rest: loss forward (TRL) + backward + optimizer + bookkeeping",
+        "ref_forward": "reference forward",
+        "reward": "reward",
+    }
+    lines = [
+        "| phase (median s per step) | " + " | ".join(WORKERS.get(n, (n,))[0] for n in names) + " |",
+        "|" + "---|" * (len(names) + 1),
+    ]
     for k in (*PHASES, "rest"):
-        lines.append(f"| {labels[k]} | " + " | ".join(f"{w[n].get(f'phase/{k}', float('nan')):.3f}" for n in names)
-                     + " |")
+        lines.append(
+            f"| {labels[k]} | " + " | ".join(f"{w[n].get(f'phase/{k}', float('nan')):.3f}" for n in names) + " |"
+        )
     return "\n".join(lines)
 
 
@@ -306,29 +420,39 @@ def format_targets(targets: list[dict]) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if any(WORKERS[n][3] for n in args.workers) and not os.path.exists(args.peers_python):
-        sys.exit(f"bench_trl: {args.peers_python} not found; `make bench-trl` creates .venv-peers with trl, or pass "
-                 f"--peers-python")
+        sys.exit(
+            f"bench_trl: {args.peers_python} not found; `make bench-trl` creates .venv-peers with trl, or pass "
+            f"--peers-python"
+        )
     runs: dict[str, list[dict]] = {n: [] for n in args.workers}
     with tempfile.TemporaryDirectory(prefix="bench-trl-") as workdir:
         model_dir, prompts_file, info = build_inputs(args, workdir)
-        print(f"tiny GPT-2 ({info['params'] / 1e6:.2f}M params, vocab {info['vocab']}) | {args.prompts} prompts x "
-              f"{args.samples_per_prompt} samples = {args.prompts * args.samples_per_prompt} sequences/step | "
-              f"prompt {info['prompt_tokens_mean']:.1f} tokens | {args.max_new_tokens} new tokens | beta "
-              f"{args.beta:g} | {args.threads} threads | {args.warmup} warm-up + {args.steps} measured steps | "
-              f"{args.repeats} round(s)", flush=True)
+        print(
+            f"tiny GPT-2 ({info['params'] / 1e6:.2f}M params, vocab {info['vocab']}) | {args.prompts} prompts x "
+            f"{args.samples_per_prompt} samples = {args.prompts * args.samples_per_prompt} sequences/step | "
+            f"prompt {info['prompt_tokens_mean']:.1f} tokens | {args.max_new_tokens} new tokens | beta "
+            f"{args.beta:g} | {args.threads} threads | {args.warmup} warm-up + {args.steps} measured steps | "
+            f"{args.repeats} round(s)",
+            flush=True,
+        )
         for i in range(args.repeats):
             for name in rotate(args.workers, i):
                 idle = wait_until_idle(args.wait_idle)
                 if idle is not None and idle < 0.9:
-                    print(f"note: CPUs only {idle:.0%} idle after waiting {args.wait_idle:g} s; starting {name} anyway",
-                          flush=True)
+                    print(
+                        f"note: CPUs only {idle:.0%} idle after waiting {args.wait_idle:g} s; starting {name} anyway",
+                        flush=True,
+                    )
                 r = run_worker(args, name, model_dir, prompts_file, workdir, i)
                 runs[name].append(r)
                 s = run_stats(r)
-                print(f"round {i + 1}/{args.repeats} {name:>9}: step {s['step_seconds']:.3f} s, "
-                      f"{s['tokens_per_second']:.0f} tokens/s, peak {s['peak_rss_mib']:.0f} MiB, "
-                      f"completion length {s['completion_length_mean']:.1f}, CPU share "
-                      f"{s.get('cpu_share', float('nan')):.2f}", flush=True)
+                print(
+                    f"round {i + 1}/{args.repeats} {name:>9}: step {s['step_seconds']:.3f} s, "
+                    f"{s['tokens_per_second']:.0f} tokens/s, peak {s['peak_rss_mib']:.0f} MiB, "
+                    f"completion length {s['completion_length_mean']:.1f}, CPU share "
+                    f"{s.get('cpu_share', float('nan')):.2f}",
+                    flush=True,
+                )
     summary = summarize(runs)
     targets = check_targets(summary)
     versions = {k: v for n in summary["workers"] for k, v in summary["workers"][n]["versions"].items()}
@@ -342,23 +466,29 @@ def main(argv=None) -> int:
     print("versions: " + ", ".join(f"{k} {v}" for k, v in sorted(versions.items())))
     eq = summary["equal_work"]
     if not eq["ok"]:
-        print(f"WARNING: unequal work: tokens per step {eq['tokens_per_step']}, completion length "
-              f"{eq['completion_length_mean']}")
+        print(
+            f"WARNING: unequal work: tokens per step {eq['tokens_per_step']}, completion length "
+            f"{eq['completion_length_mean']}"
+        )
     elif any(abs(v - args.max_new_tokens) > 1e-9 for v in eq["completion_length_mean"].values()):
         print(f"WARNING: mean completion length {eq['completion_length_mean']} != {args.max_new_tokens}")
-    busy = [f"{n} {w['cpu_share']:.2f}" for n, w in summary["workers"].items()
-            if w.get("cpu_share", 1.0) < CPU_SHARE_WARN]
+    busy = [
+        f"{n} {w['cpu_share']:.2f}" for n, w in summary["workers"].items() if w.get("cpu_share", 1.0) < CPU_SHARE_WARN
+    ]
     if busy:
-        print(f"WARNING: other processes competed for the cores (CPU share {', '.join(busy)} < {CPU_SHARE_WARN}): "
-              f"medians are "
-              f"inflated and ratios unreliable; the fastest-step row is the better guide, or rerun on a quiet machine")
+        print(
+            f"WARNING: other processes competed for the cores (CPU share {', '.join(busy)} < {CPU_SHARE_WARN}): "
+            f"medians are "
+            f"inflated and ratios unreliable; the fastest-step row is the better guide, or rerun on a quiet machine"
+        )
     if targets:
         print("targets:")
         print(format_targets(targets))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "model": info, "summary": summary, "targets": targets, "runs": runs}, f,
-                      indent=2)
+            json.dump(
+                {"args": vars(args), "model": info, "summary": summary, "targets": targets, "runs": runs}, f, indent=2
+            )
         print(f"wrote {args.json}")
     return 0
 

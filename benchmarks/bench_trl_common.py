@@ -79,16 +79,24 @@ class StepClock:
         self.phases.append({k: float((phases or {}).get(k, 0.0)) for k in PHASES})
 
     def step_times(self) -> list[float]:
-        edges = [self.t_begin] + self.stamps
+        edges = [self.t_begin, *self.stamps]
         return [b - a for a, b in itertools.pairwise(edges)]
 
     def cpu_times(self) -> list[float]:
-        edges = [self.cpu_begin] + self.cpu_stamps
+        edges = [self.cpu_begin, *self.cpu_stamps]
         return [b - a for a, b in itertools.pairwise(edges)]
 
 
-def write_result(path: str, worker: str, clock: StepClock, warmup: int, settings: dict, versions: dict,
-                 setup: dict, extra: dict | None = None) -> dict:
+def write_result(
+    path: str,
+    worker: str,
+    clock: StepClock,
+    warmup: int,
+    settings: dict,
+    versions: dict,
+    setup: dict,
+    extra: dict | None = None,
+) -> dict:
     """The worker's JSON: measured step times (after ``warmup``), tokens per step, lengths, memory, versions."""
     times = clock.step_times()
     if len(times) <= warmup:
@@ -148,5 +156,18 @@ def worker_args(description: str, argv=None):
 
 
 def settings_of(args) -> dict:
-    return {k: getattr(args, k) for k in ("prompts", "samples_per_prompt", "batch", "max_new_tokens", "steps",
-                                          "warmup", "beta", "learning_rate", "threads", "seed")}
+    return {
+        k: getattr(args, k)
+        for k in (
+            "prompts",
+            "samples_per_prompt",
+            "batch",
+            "max_new_tokens",
+            "steps",
+            "warmup",
+            "beta",
+            "learning_rate",
+            "threads",
+            "seed",
+        )
+    }

@@ -31,22 +31,42 @@ from bench_trl_common import (
 def trl_config_kwargs(args, output_dir: str) -> dict:
     """The RLOOConfig / GRPOConfig keys both trainers take, set to the work hfpg does."""
     return dict(
-        output_dir=output_dir, seed=args.seed, use_cpu=True, bf16=False, fp16=False,
+        output_dir=output_dir,
+        seed=args.seed,
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
         # TRL's default is True; hfpg does not checkpoint (transformers 5 renamed it activation_checkpointing)
-        gradient_checkpointing=False, activation_checkpointing=False,
+        gradient_checkpointing=False,
+        activation_checkpointing=False,
         max_steps=args.warmup + args.steps,
-        per_device_train_batch_size=args.batch, gradient_accumulation_steps=1,
-        steps_per_generation=1, num_iterations=1,  # generate once per optimizer step, one pass over it
+        per_device_train_batch_size=args.batch,
+        gradient_accumulation_steps=1,
+        steps_per_generation=1,
+        num_iterations=1,  # generate once per optimizer step, one pass over it
         num_generations=args.samples_per_prompt,
         max_completion_length=args.max_new_tokens,
         generation_kwargs={"min_new_tokens": args.max_new_tokens},  # fixed-length completions, as hfpg
-        temperature=1.0, top_p=1.0, top_k=0, min_p=None, repetition_penalty=1.0,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        min_p=None,
+        repetition_penalty=1.0,
         beta=args.beta,  # nonzero: the reference model is loaded and run every step
-        learning_rate=args.learning_rate, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
-        max_grad_norm=1.0, optim="adamw_torch",  # torch.optim.AdamW, as hfpg (TRL's default is the fused one)
+        learning_rate=args.learning_rate,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        optim="adamw_torch",  # torch.optim.AdamW, as hfpg (TRL's default is the fused one)
         disable_dropout=True,
-        logging_strategy="no", save_strategy="no", eval_strategy="no", report_to="none", disable_tqdm=True,
-        log_completions=False, dataloader_num_workers=0,
+        logging_strategy="no",
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        log_completions=False,
+        dataloader_num_workers=0,
     )
 
 
@@ -71,6 +91,7 @@ def time_phases(trainer, acc: dict) -> None:
                 key = key_of(a, kw)
                 if key is not None:
                     acc[key] = acc.get(key, 0.0) + time.perf_counter() - t
+
         return wrapper
 
     def forward_key(a, kw):
@@ -147,30 +168,55 @@ def main(argv=None) -> int:
         config = trl.GRPOConfig(**kwargs)  # loss_type "dapo", scale_rewards "group": TRL's defaults
         trainer_cls = trl.GRPOTrainer
     config.model_init_kwargs = {"dtype": torch.float32}
-    trainer = trainer_cls(model=args.model_dir, reward_funcs=reward, args=config, train_dataset=dataset,
-                          processing_class=tokenizer, callbacks=[Clock()])
+    trainer = trainer_cls(
+        model=args.model_dir,
+        reward_funcs=reward,
+        args=config,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        callbacks=[Clock()],
+    )
     time_phases(trainer, phase_acc)
     setup = {"seconds": time.perf_counter() - t0, "rss_mib": current_rss_mib()}
     trainer.train()
     assert config.steps_per_generation == 1 and config.generation_batch_size == args.batch, (
-        config.steps_per_generation, config.generation_batch_size)
+        config.steps_per_generation,
+        config.generation_batch_size,
+    )
     if len(completion_lengths) != args.warmup + args.steps:
-        raise RuntimeError(f"expected one generation per step, got {len(completion_lengths)} for "
-                           f"{args.warmup + args.steps} steps")
+        raise RuntimeError(
+            f"expected one generation per step, got {len(completion_lengths)} for {args.warmup + args.steps} steps"
+        )
     model = trainer.accelerator.unwrap_model(trainer.model)
     n_ref = sum(p.numel() for p in trainer.ref_model.parameters()) if trainer.ref_model is not None else 0
-    write_result(args.json, f"trl-{trainer_name}", clock, args.warmup, settings_of(args),
-                 {"trl": trl.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
-                  "accelerate": accelerate.__version__, "datasets": datasets.__version__},
-                 setup, extra={"threads": torch.get_num_threads(), "device": str(trainer.accelerator.device),
-                               "params_policy": sum(p.numel() for p in model.parameters()),
-                               "params_reference": n_ref, "optimizer": type(trainer.optimizer.optimizer
-                                                                            if hasattr(trainer.optimizer, "optimizer")
-                                                                            else trainer.optimizer).__name__,
-                               "loss_type": getattr(config, "loss_type", "rloo (sequence-level clipped)"),
-                               "generations": len(completion_lengths),
-                               "checkpointing": checkpointing(model),
-                               "dtype": str(next(model.parameters()).dtype)})
+    write_result(
+        args.json,
+        f"trl-{trainer_name}",
+        clock,
+        args.warmup,
+        settings_of(args),
+        {
+            "trl": trl.__version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "accelerate": accelerate.__version__,
+            "datasets": datasets.__version__,
+        },
+        setup,
+        extra={
+            "threads": torch.get_num_threads(),
+            "device": str(trainer.accelerator.device),
+            "params_policy": sum(p.numel() for p in model.parameters()),
+            "params_reference": n_ref,
+            "optimizer": type(
+                trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
+            ).__name__,
+            "loss_type": getattr(config, "loss_type", "rloo (sequence-level clipped)"),
+            "generations": len(completion_lengths),
+            "checkpointing": checkpointing(model),
+            "dtype": str(next(model.parameters()).dtype),
+        },
+    )
     tmp.cleanup()
     return 0
 

@@ -7,32 +7,44 @@ from .config import PGConfig
 from .errors import ConfigError, DataError, HubError, RewardError
 from .kl import AdaptiveKLController, FixedKLController
 from .modeling import AutoModelForCausalLMWithValueHead, create_reference_model
-from .rewards import (BLEUReward, ChrFReward, CombinedReward, EvaluateMetricReward, LengthPenalty, LMLikelihoodReward,
-                      RepetitionPenalty, Reward, RewardFunction, RewardModelReward, ROUGEReward, TERReward)
+from .rewards import (
+    BLEUReward,
+    ChrFReward,
+    CombinedReward,
+    EvaluateMetricReward,
+    LengthPenalty,
+    LMLikelihoodReward,
+    RepetitionPenalty,
+    Reward,
+    RewardFunction,
+    RewardModelReward,
+    ROUGEReward,
+    TERReward,
+)
 from .trainer import PGTrainer
 
 __all__ = [
+    "AdaptiveKLController",
+    "AutoModelForCausalLMWithValueHead",
     "BLEUReward",
     "ChrFReward",
     "CombinedReward",
+    "ConfigError",
+    "DataError",
     "EvaluateMetricReward",
+    "FixedKLController",
+    "HubError",
     "LMLikelihoodReward",
     "LengthPenalty",
+    "PGConfig",
+    "PGTrainer",
     "ROUGEReward",
     "RepetitionPenalty",
     "Reward",
-    "RewardModelReward",
-    "TERReward",
-    "AdaptiveKLController",
-    "AutoModelForCausalLMWithValueHead",
-    "ConfigError",
-    "DataError",
-    "FixedKLController",
-    "HubError",
-    "PGConfig",
-    "PGTrainer",
     "RewardError",
     "RewardFunction",
+    "RewardModelReward",
+    "TERReward",
     "TrainerCallback",
     "create_reference_model",
 ]

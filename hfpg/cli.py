@@ -25,8 +25,9 @@ def recipe_dirs() -> list[str]:
     """Where shipped recipe configs are looked up: ./recipes/configs, then the repository this hfpg came from."""
     here = os.path.dirname(os.path.abspath(__file__))
     dirs = [os.path.join("recipes", "configs"), os.path.join(os.path.dirname(here), "recipes", "configs")]
-    return [d for i, d in enumerate(dirs) if os.path.isdir(d) and os.path.abspath(d) not in map(
-        os.path.abspath, dirs[:i])]
+    return [
+        d for i, d in enumerate(dirs) if os.path.isdir(d) and os.path.abspath(d) not in map(os.path.abspath, dirs[:i])
+    ]
 
 
 def _describe(path: str) -> str:
@@ -73,9 +74,17 @@ def _eval(args) -> int:
 
 
 def _push(args) -> int:
-    url = push_model_folder(args.run_dir, args.repo_id, merge=args.merge, private=args.private, token=args.token,
-                            commit_message=args.commit_message, revision=args.revision, create_pr=args.create_pr,
-                            dry_run=args.dry_run)
+    url = push_model_folder(
+        args.run_dir,
+        args.repo_id,
+        merge=args.merge,
+        private=args.private,
+        token=args.token,
+        commit_message=args.commit_message,
+        revision=args.revision,
+        create_pr=args.create_pr,
+        dry_run=args.dry_run,
+    )
     print(url if args.dry_run else f"hfpg: pushed to {url}")
     return 0
 
@@ -99,8 +108,11 @@ def _config(args) -> int:
     config = PGConfig.from_yaml(args.file, args.overrides) if args.file else PGConfig.from_dict({}, args.overrides)
     config.check_for(args.num_processes)
     sys.stdout.write(config.to_yaml())
-    print(f"# valid for {args.num_processes} process(es): {config.num_mini_batches} minibatches of "
-          f"{config.mini_batch_size} per step", file=sys.stderr)
+    print(
+        f"# valid for {args.num_processes} process(es): {config.num_mini_batches} minibatches of "
+        f"{config.mini_batch_size} per step",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -109,29 +121,37 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"hfpg {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("train", help="run a recipe (YAML) with key=value overrides",
-                       description="Train with a recipe: evaluate on held-out prompts, train, evaluate again, and "
-                                   "write the run directory (config, metrics, TensorBoard, samples, final model, "
-                                   "reward/KL plot, report.md). Overrides use dotted keys: model.name_or_path=..., "
-                                   "data.max_train_samples=8, max_steps=10, rewards.0.weight=2.")
+    p = sub.add_parser(
+        "train",
+        help="run a recipe (YAML) with key=value overrides",
+        description="Train with a recipe: evaluate on held-out prompts, train, evaluate again, and "
+        "write the run directory (config, metrics, TensorBoard, samples, final model, "
+        "reward/KL plot, report.md). Overrides use dotted keys: model.name_or_path=..., "
+        "data.max_train_samples=8, max_steps=10, rewards.0.weight=2.",
+    )
     p.add_argument("recipe", help="a recipe YAML, e.g. recipes/configs/ppo_smollm2_sentiment.yaml")
     p.add_argument("overrides", nargs="*", help="key=value pairs (values parsed as YAML)")
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("eval", help="score a policy on a recipe's held-out prompts with the recipe's rewards",
-                       description="Sample completions for the recipe's eval prompts (or its train prompts when it "
-                                   "has none) and print mean reward, each reward part, KL and length.")
+    p = sub.add_parser(
+        "eval",
+        help="score a policy on a recipe's held-out prompts with the recipe's rewards",
+        description="Sample completions for the recipe's eval prompts (or its train prompts when it "
+        "has none) and print mean reward, each reward part, KL and length.",
+    )
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*")
     p.add_argument("--model", help="a trained policy folder (e.g. RUN_DIR/final); default: the recipe's base model")
     p.set_defaults(func=_eval)
 
     p = sub.add_parser(
-        "push", help="upload a trained model (adapter or full) with its model card to the Hugging Face Hub",
+        "push",
+        help="upload a trained model (adapter or full) with its model card to the Hugging Face Hub",
         description="Upload RUN_DIR/final (or a folder written by save_model) to the Hub model repo REPO_ID, created "
-                    "if needed: the policy or adapter, value_head.safetensors, tokenizer, hfpg_config.yaml and the "
-                    "model card. The token comes from HF_TOKEN or `hf auth login` (or --token) and is never printed. "
-                    "Nothing in RUN_DIR is written; a refused or failed push says why and how to fix it.")
+        "if needed: the policy or adapter, value_head.safetensors, tokenizer, hfpg_config.yaml and the "
+        "model card. The token comes from HF_TOKEN or `hf auth login` (or --token) and is never printed. "
+        "Nothing in RUN_DIR is written; a refused or failed push says why and how to fix it.",
+    )
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (with final/) or a saved model folder")
     p.add_argument("repo_id", metavar="REPO_ID", help="the Hub repo, e.g. your-name/smollm2-ppo-positive")
     p.add_argument("--private", action="store_true", default=None, help="create the repo as private")
@@ -139,17 +159,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--commit-message", default=None, help="default: 'Upload model trained with hfpg'")
     p.add_argument("--merge", action="store_true", help="merge the adapter into its base and push the full model")
     p.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing to the branch")
-    p.add_argument("--dry-run", action="store_true",
-                   help="contact nobody: list the files (and sizes) and the model card metadata a push would upload")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="contact nobody: list the files (and sizes) and the model card metadata a push would upload",
+    )
     p.add_argument("--token", default=None, help="a Hub token (prefer HF_TOKEN: command lines end up in history)")
     p.set_defaults(func=_push)
 
     p = sub.add_parser(
-        "train-rm", help="train a reward model (Bradley-Terry on preference pairs, or regression on ratings)",
+        "train-rm",
+        help="train a reward model (Bradley-Terry on preference pairs, or regression on ratings)",
         description="Train an AutoModelForSequenceClassification reward model from a YAML config (see "
-                    "reward_models/configs/): pairwise (prompt?/chosen/rejected[/margin] columns) or regression "
-                    "(prompt?/text/score). Reports held-out accuracy or correlation, stops early on it, and saves "
-                    "OUTPUT_DIR/final (model, tokenizer, reward_normalization.json, model card) for RewardModelReward.")
+        "reward_models/configs/): pairwise (prompt?/chosen/rejected[/margin] columns) or regression "
+        "(prompt?/text/score). Reports held-out accuracy or correlation, stops early on it, and saves "
+        "OUTPUT_DIR/final (model, tokenizer, reward_normalization.json, model card) for RewardModelReward.",
+    )
     p.add_argument("config", help="a reward-model YAML, e.g. reward_models/configs/minilm_positivity.yaml")
     p.add_argument("overrides", nargs="*", help="key=value pairs (dotted for model./data. keys)")
     p.set_defaults(func=_train_rm)
@@ -161,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
         "config",
         help="print the documented defaults, or validate a YAML config with key=value overrides",
         description="Without arguments: every config key with its default and one-line doc. With a file and/or "
-                    "key=value overrides: the resolved config, or one clear error listing every problem.",
+        "key=value overrides: the resolved config, or one clear error listing every problem.",
     )
     p.add_argument("file", nargs="?", help="a YAML file of PGConfig keys")
     p.add_argument("overrides", nargs="*", help="key=value pairs applied after the file (values parsed as YAML)")

@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import yaml
 
 from .algorithms import ALGORITHMS, rule_class
 from .errors import ConfigError
 from .rewards.registry import spec_problems
-from .schema import apply_overrides, build_or_raise, format_problems, loadable_fields, read_yaml, to_dict
+from .schema import apply_overrides, build_or_raise, folder_of, format_problems, loadable_fields, read_yaml, to_dict
 
 __all__ = ["ConfigError", "PGConfig"]
 
@@ -39,11 +40,13 @@ class PGConfig:
     seed: int = _f(0, "Random seed; process i uses seed + i so processes sample different completions.")
     algorithm: str = _f("ppo", f"Update rule: {' | '.join(ALGORITHMS)}.", choices=tuple(ALGORITHMS))
     advantage_estimator: str = _f(
-        "gae", "gae (critic, GAE(γ, λ)) | returns (discounted Monte-Carlo returns minus a baseline).",
+        "gae",
+        "gae (critic, GAE(γ, λ)) | returns (discounted Monte-Carlo returns minus a baseline).",
         choices=("gae", "returns"),
     )
     baseline: str = _f(
-        "none", "Baseline for advantage_estimator=returns: none | moving_average | leave_one_out | group_norm | value.",
+        "none",
+        "Baseline for advantage_estimator=returns: none | moving_average | leave_one_out | group_norm | value.",
         choices=("none", "moving_average", "leave_one_out", "group_norm", "value"),
     )
     baseline_ema: float = _f(0.9, "Decay of the moving-average baseline (an EMA of sequence returns).")
@@ -74,12 +77,14 @@ class PGConfig:
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass to save memory.")
     mixed_precision: str = _f("no", "Accelerate mixed precision.", choices=("no", "fp16", "bf16"))
     fuse_policy_forward: bool = _f(
-        True, "When an update is one optimizer step over the whole batch (REINFORCE or ppo_epochs=1, one minibatch, "
-        "no accumulation/replay), take the rollout's old logprobs from the update's forward: one forward fewer."
+        True,
+        "When an update is one optimizer step over the whole batch (REINFORCE or ppo_epochs=1, one minibatch, "
+        "no accumulation/replay), take the rollout's old logprobs from the update's forward: one forward fewer.",
     )
     gather_for_generation: bool = _f(
-        True, "ZeRO-3 / FSDP: gather the full policy once per rollout instead of layer by layer for every token "
-        "(fast; needs one full copy of the weights per device while sampling)."
+        True,
+        "ZeRO-3 / FSDP: gather the full policy once per rollout instead of layer by layer for every token "
+        "(fast; needs one full copy of the weights per device while sampling).",
     )
 
     # --- PPO ----------------------------------------------------------------------------------------------------
@@ -112,7 +117,8 @@ class PGConfig:
 
     # --- KL penalty to the reference model --------------------------------------------------------------------
     kl_penalty: str = _f(
-        "reward", "Where KL to the reference goes: reward (per-token penalty) | loss (a loss term, k1/k2/k3).",
+        "reward",
+        "Where KL to the reference goes: reward (per-token penalty) | loss (a loss term, k1/k2/k3).",
         choices=("reward", "loss"),
     )
     kl_coef: float = _f(0.05, "Initial β of the per-token penalty -β·KL(policy || reference).")
@@ -138,7 +144,8 @@ class PGConfig:
         [], "Rewards as [{name: bleu | module:function | file.py:function, weight: 1.0, kwargs: {...}, label: ...}]."
     )
     reward_normalize: str = _f(
-        "none", "Per-reward normalisation before weighting: none | batch (z-score) | running (running mean/std).",
+        "none",
+        "Per-reward normalisation before weighting: none | batch (z-score) | running (running mean/std).",
         choices=("none", "batch", "running"),
     )
     reward_clip: float | None = _f(None, "Clip the combined reward to [-reward_clip, reward_clip] (None = off).")
@@ -175,9 +182,15 @@ class PGConfig:
     hub_revision: str | None = _f(None, "Branch to push to (created if needed; None = main).")
     disable_dropout: bool = _f(True, "Switch dropout off in policy, value head and reference (PPO needs ratio = 1).")
     disable_tqdm: bool = _f(False, "Hide the progress bar.")
-    base_dir: str | None = _f(
-        None, "The folder of the YAML file this config was read from: relative reward files and models are looked "
-        "up there too. Set by from_yaml and recipes; never read from nor written to YAML.", internal=True
+    base_dir: str | None = field(
+        default=None,
+        compare=False,
+        repr=False,
+        metadata={
+            "help": "The folder of the YAML file this config was read from: relative reward files and models are "
+            "looked up there too. Set by from_yaml and recipes; never read from nor written to YAML.",
+            "internal": True,
+        },
     )
 
     # ----------------------------------------------------------------------------------------------------------
@@ -203,11 +216,33 @@ class PGConfig:
             if v is None or (isinstance(v, float) and math.isnan(v)) or v < 0 or (v == 0 and not allow_zero):
                 p.append(f"{name}={v!r} must be {'>= 0' if allow_zero else '> 0'}")
 
-        for name in ("max_steps", "rollout_batch_size", "mini_batch_size", "gradient_accumulation_steps",
-                     "ppo_epochs", "max_new_tokens", "kl_horizon", "logging_steps", "temperature", "kl_target"):
+        for name in (
+            "max_steps",
+            "rollout_batch_size",
+            "mini_batch_size",
+            "gradient_accumulation_steps",
+            "ppo_epochs",
+            "max_new_tokens",
+            "kl_horizon",
+            "logging_steps",
+            "temperature",
+            "kl_target",
+        ):
             positive(name)
-        for name in ("learning_rate", "warmup_steps", "weight_decay", "clip_range", "clip_range_value", "vf_coef",
-                     "ent_coef", "kl_coef", "min_new_tokens", "top_k", "eval_steps", "save_steps"):
+        for name in (
+            "learning_rate",
+            "warmup_steps",
+            "weight_decay",
+            "clip_range",
+            "clip_range_value",
+            "vf_coef",
+            "ent_coef",
+            "kl_coef",
+            "min_new_tokens",
+            "top_k",
+            "eval_steps",
+            "save_steps",
+        ):
             positive(name, allow_zero=True)
         for name in ("gamma", "lam", "adam_beta1", "adam_beta2"):
             v = getattr(self, name)
@@ -215,8 +250,14 @@ class PGConfig:
                 p.append(f"{name}={v!r} must lie in [0, 1]")
         if not 0.0 < self.top_p <= 1.0:
             p.append(f"top_p={self.top_p!r} must lie in (0, 1]")
-        for name in ("forward_batch_size", "max_grad_norm", "target_approx_kl", "score_clip", "max_prompt_length",
-                     "save_total_limit"):
+        for name in (
+            "forward_batch_size",
+            "max_grad_norm",
+            "target_approx_kl",
+            "score_clip",
+            "max_prompt_length",
+            "save_total_limit",
+        ):
             v = getattr(self, name)
             if v is not None and v <= 0:
                 p.append(f"{name}={v!r} must be > 0 or null")
@@ -230,11 +271,22 @@ class PGConfig:
             p.append(f"stop_token_ids={self.stop_token_ids!r} must be a list of integer token ids")
         if self.min_p is not None and not 0.0 < self.min_p <= 1.0:
             p.append(f"min_p={self.min_p!r} must lie in (0, 1] or be null")
-        for name in ("num_samples_per_prompt", "max_kl", "cg_iters", "line_search_steps", "value_epochs",
-                     "replay_is_clip"):
+        for name in (
+            "num_samples_per_prompt",
+            "max_kl",
+            "cg_iters",
+            "line_search_steps",
+            "value_epochs",
+            "replay_is_clip",
+        ):
             positive(name)
-        for name in ("cg_damping", "value_learning_rate", "replay_buffer_size", "replay_batch_size",
-                     "line_search_accept_ratio"):
+        for name in (
+            "cg_damping",
+            "value_learning_rate",
+            "replay_buffer_size",
+            "replay_batch_size",
+            "line_search_accept_ratio",
+        ):
             positive(name, allow_zero=True)
         if not 0.0 <= self.baseline_ema < 1.0:
             p.append(f"baseline_ema={self.baseline_ema!r} must lie in [0, 1)")
@@ -249,17 +301,23 @@ class PGConfig:
         """Combinations of algorithm, advantage estimator and baseline that cannot work together."""
         p = []
         if self.advantage_estimator == "gae" and self.baseline not in ("none", "value"):
-            p.append(f"baseline={self.baseline!r} applies to advantage_estimator=returns; GAE's baseline is the critic "
-                     f"(set advantage_estimator=returns, or baseline=none)")
+            p.append(
+                f"baseline={self.baseline!r} applies to advantage_estimator=returns; GAE's baseline is the critic "
+                f"(set advantage_estimator=returns, or baseline=none)"
+            )
         if self.baseline in ("leave_one_out", "group_norm") and self.num_samples_per_prompt < 2:
-            p.append(f"baseline={self.baseline} compares the k samples of a prompt: set num_samples_per_prompt >= 2 "
-                     f"(now {self.num_samples_per_prompt})")
+            p.append(
+                f"baseline={self.baseline} compares the k samples of a prompt: set num_samples_per_prompt >= 2 "
+                f"(now {self.num_samples_per_prompt})"
+            )
         rule = rule_class(self.algorithm)
         if rule is not None and self.replay_buffer_size and rule.replay_refusal:
             p.append(f"replay_buffer_size={self.replay_buffer_size}: {rule.replay_refusal}")
         if bool(self.replay_buffer_size) != bool(self.replay_batch_size):
-            p.append(f"replay needs both replay_buffer_size and replay_batch_size > 0 (now {self.replay_buffer_size} "
-                     f"and {self.replay_batch_size})")
+            p.append(
+                f"replay needs both replay_buffer_size and replay_batch_size > 0 (now {self.replay_buffer_size} "
+                f"and {self.replay_batch_size})"
+            )
         if self.replay_batch_size and self.replay_batch_size > self.replay_buffer_size:
             p.append(f"replay_batch_size={self.replay_batch_size} exceeds replay_buffer_size={self.replay_buffer_size}")
         return p
@@ -283,14 +341,20 @@ class PGConfig:
             )
         k = self.num_samples_per_prompt
         if k > 0 and self.rollout_batch_size % (num_processes * k):
-            p.append(f"rollout_batch_size={self.rollout_batch_size} must be a multiple of num_processes "
-                     f"({num_processes}) × num_samples_per_prompt ({k}) so each process holds whole groups")
+            p.append(
+                f"rollout_batch_size={self.rollout_batch_size} must be a multiple of num_processes "
+                f"({num_processes}) × num_samples_per_prompt ({k}) so each process holds whole groups"
+            )
         if self.replay_batch_size and self.replay_batch_size % self.mini_batch_size:
-            p.append(f"replay_batch_size={self.replay_batch_size} must be a multiple of mini_batch_size="
-                     f"{self.mini_batch_size}")
+            p.append(
+                f"replay_batch_size={self.replay_batch_size} must be a multiple of mini_batch_size="
+                f"{self.mini_batch_size}"
+            )
         if self.replay_batch_size and k > 1 and self.replay_batch_size % (num_processes * k):
-            p.append(f"replay_batch_size={self.replay_batch_size} must be a multiple of num_processes × "
-                     f"num_samples_per_prompt ({num_processes * k}): whole groups are replayed")
+            p.append(
+                f"replay_batch_size={self.replay_batch_size} must be a multiple of num_processes × "
+                f"num_samples_per_prompt ({num_processes * k}): whole groups are replayed"
+            )
         return p
 
     def check_for(self, num_processes: int) -> None:
@@ -311,16 +375,17 @@ class PGConfig:
         return [f.name for f in loadable_fields(cls)]
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any] | None, overrides: Iterable[str] = (), base_dir: str | None = None
-                  ) -> "PGConfig":
+    def from_dict(
+        cls, data: dict[str, Any] | None, overrides: Iterable[str] = (), base_dir: str | None = None
+    ) -> PGConfig:
         """Build from a mapping plus ``key=value`` strings (values parsed as YAML). Unknown keys get a did-you-mean."""
         data = apply_overrides(dict(data or {}), overrides)
         return build_or_raise(cls, data, TITLE, fallback="; see `hfpg config` for every key", base_dir=base_dir)
 
     @classmethod
-    def from_yaml(cls, path: str | Path, overrides: Iterable[str] = ()) -> "PGConfig":
+    def from_yaml(cls, path: str | Path, overrides: Iterable[str] = ()) -> PGConfig:
         """Read a YAML file of PGConfig keys; relative reward files are then also looked up next to it."""
-        return cls.from_dict(read_yaml(path), overrides, base_dir=str(Path(path).resolve().parent))
+        return cls.from_dict(read_yaml(path), overrides, base_dir=folder_of(path))
 
     def to_dict(self) -> dict[str, Any]:
         """Every key as plain data (``base_dir``, a local path, is left out)."""

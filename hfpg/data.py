@@ -17,8 +17,17 @@ __all__ = ["DataError", "PromptSampler", "Rows", "as_dataset", "check_prompts", 
 FILE_BUILDERS = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet", "txt": "text"}
 
 
-def load_splits(path: str, *, split: str = "train", eval_split: str | None = None, eval_size: float = 0,
-                seed: int = 0, base_dir: str | None = None, data_files=None, **kwargs):
+def load_splits(
+    path: str,
+    *,
+    split: str = "train",
+    eval_split: str | None = None,
+    eval_size: float = 0,
+    seed: int = 0,
+    base_dir: str | None = None,
+    data_files=None,
+    **kwargs,
+):
     """(train, eval or None) as ``datasets.Dataset`` from any ``datasets.load_dataset`` source: a Hub id, a builder
     (``json``, ``csv``, ...) with ``data_files``, or a local file as ``path``. Relative files are found from the working
     directory, then in ``base_dir`` (the YAML file's folder). Held-out rows come from ``eval_split``, else
@@ -102,8 +111,15 @@ def as_dataset(data, name: str):
     raise DataError(f"{name} must be a datasets.Dataset, a list of dicts or a dict of lists, not {type(data).__name__}")
 
 
-def check_prompts(dataset, name: str, prompt_column: str, tokenizer, max_prompt_length: int | None,
-                  max_new_tokens: int, context_length: int | None) -> None:
+def check_prompts(
+    dataset,
+    name: str,
+    prompt_column: str,
+    tokenizer,
+    max_prompt_length: int | None,
+    max_new_tokens: int,
+    context_length: int | None,
+) -> None:
     """Fail early, naming the rows, on an empty dataset, a missing column, non-text or over-long prompts."""
     if len(dataset) == 0:
         raise DataError(f"{name} is empty (0 rows); give it at least one prompt")
@@ -116,16 +132,19 @@ def check_prompts(dataset, name: str, prompt_column: str, tokenizer, max_prompt_
     not_text = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
     if not_text:
         i = not_text[0]
-        raise DataError(f"{name} row {i}: prompt must be a string, got {type(prompts[i]).__name__} "
-                        f"({len(not_text)} such rows)")
+        raise DataError(
+            f"{name} row {i}: prompt must be a string, got {type(prompts[i]).__name__} ({len(not_text)} such rows)"
+        )
     lengths = []
     for start in range(0, len(prompts), 1024):
         enc = tokenizer(prompts[start : start + 1024], add_special_tokens=True)["input_ids"]
         lengths.extend(len(ids) for ids in enc)
     empty = [i for i, n in enumerate(lengths) if n == 0]
     if empty:
-        raise DataError(f"{name} row {empty[0]}: the prompt is empty (0 tokens, {len(empty)} such rows); "
-                        f"every prompt needs at least one token")
+        raise DataError(
+            f"{name} row {empty[0]}: the prompt is empty (0 tokens, {len(empty)} such rows); "
+            f"every prompt needs at least one token"
+        )
     if context_length is None:
         return
     limit = context_length - max_new_tokens
@@ -177,6 +196,8 @@ class PromptSampler:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("num_rows", self.num_rows) != self.num_rows:
-            raise DataError(f"the checkpoint was made with a dataset of {state['num_rows']} rows, this one has "
-                            f"{self.num_rows}; resume with the same train_dataset")
+            raise DataError(
+                f"the checkpoint was made with a dataset of {state['num_rows']} rows, this one has "
+                f"{self.num_rows}; resume with the same train_dataset"
+            )
         self.epoch, self.offset = int(state["epoch"]), int(state["offset"])

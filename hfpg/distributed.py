@@ -40,14 +40,16 @@ def check_launch(accelerator) -> None:
     output directory. Stop with the fix instead."""
     n = launched_processes()
     if n > 1 and accelerator.num_processes != n:
-        raise RuntimeError(f"launched with WORLD_SIZE={n} but Accelerate formed a group of "
-                           f"{accelerator.num_processes}: on CPU use `accelerate launch --cpu` "
-                           "(or ACCELERATE_USE_CPU=1); on GPUs check that each process sees a device "
-                           "(CUDA_VISIBLE_DEVICES)")
+        raise RuntimeError(
+            f"launched with WORLD_SIZE={n} but Accelerate formed a group of "
+            f"{accelerator.num_processes}: on CPU use `accelerate launch --cpu` "
+            "(or ACCELERATE_USE_CPU=1); on GPUs check that each process sees a device "
+            "(CUDA_VISIBLE_DEVICES)"
+        )
 
 
 def sharding(accelerator) -> str:
-    """"zero3" (DeepSpeed stage 3), "fsdp" (FSDP2), "fsdp1", or "none" (one process, DDP, ZeRO-1/2)."""
+    """ "zero3" (DeepSpeed stage 3), "fsdp" (FSDP2), "fsdp1", or "none" (one process, DDP, ZeRO-1/2)."""
     state = accelerator.state
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         return "zero3" if state.deepspeed_plugin.zero_stage == 3 else "none"
@@ -65,8 +67,9 @@ def check_backend(accelerator, algorithm) -> None:
     :class:`~hfpg.algorithms.UpdateRule` of the run."""
     problems = []
     if sharding(accelerator) == "fsdp1":
-        problems.append("FSDP1 is not supported: set `fsdp_version: 2` in the Accelerate config "
-                        "(recipes/accelerate/fsdp.yaml does)")
+        problems.append(
+            "FSDP1 is not supported: set `fsdp_version: 2` in the Accelerate config (recipes/accelerate/fsdp.yaml does)"
+        )
     engine = accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
     if engine and algorithm.sharded_engine_refusal:
         problems.append(algorithm.sharded_engine_refusal)
@@ -85,18 +88,22 @@ def configure_deepspeed(accelerator, config) -> None:
     plugin = accelerator.state.deepspeed_plugin
     ds = plugin.deepspeed_config
     P, ga = accelerator.num_processes, config.gradient_accumulation_steps
-    wanted = {"train_micro_batch_size_per_gpu": config.mini_batch_size // P // ga,
-              "gradient_accumulation_steps": ga,
-              "train_batch_size": config.mini_batch_size,
-              "gradient_clipping": float(config.max_grad_norm or 0.0)}
+    wanted = {
+        "train_micro_batch_size_per_gpu": config.mini_batch_size // P // ga,
+        "gradient_accumulation_steps": ga,
+        "train_batch_size": config.mini_batch_size,
+        "gradient_clipping": float(config.max_grad_norm or 0.0),
+    }
     problems = []
     for key, value in wanted.items():
         have = ds.get(key, "auto")
         if have == "auto":
             ds[key] = value
         elif float(have) != float(value):
-            problems.append(f"DeepSpeed config {key}={have} but hfpg's batch settings need {value}: set it to "
-                            f"'auto' (recipes/accelerate/deepspeed_zero*.yaml do) or change the hfpg config")
+            problems.append(
+                f"DeepSpeed config {key}={have} but hfpg's batch settings need {value}: set it to "
+                f"'auto' (recipes/accelerate/deepspeed_zero*.yaml do) or change the hfpg config"
+            )
     if problems:
         raise ConfigError("; ".join(problems), problems)
 

@@ -26,11 +26,18 @@ from . import ops
 def call_lm(model, input_ids, attention_mask, position_ids, keep: int, **kwargs):
     """Forward that asks only for the last ``keep`` positions' logits when the model supports it."""
     try:
-        return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                     logits_to_keep=keep, use_cache=False, **kwargs)
+        return model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            logits_to_keep=keep,
+            use_cache=False,
+            **kwargs,
+        )
     except TypeError:  # an architecture without logits_to_keep
-        return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
-                     **kwargs)
+        return model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **kwargs
+        )
 
 
 @dataclass
@@ -42,8 +49,14 @@ class ResponseOutputs:
     hidden: torch.Tensor | None = None  # (B, T, H), when asked for
 
 
-def response_outputs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_ids: torch.Tensor,
-                     response_mask: torch.Tensor, last_hidden_state: bool = False) -> ResponseOutputs:
+def response_outputs(
+    model,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    last_hidden_state: bool = False,
+) -> ResponseOutputs:
     """ONE forward over prompt + response. (B, P) and (B, T) ids and masks -> :class:`ResponseOutputs`.
 
     ``model`` is a causal LM or an :class:`~hfpg.modeling.AutoModelForCausalLMWithValueHead` (which adds values, and
@@ -89,15 +102,30 @@ def sequence_forward(
     return result
 
 
-def rollout_forward(model, rollout, temperature: float, with_values: bool, with_entropy: bool = False,
-                    rows: torch.Tensor | None = None, chunk_size: int | None = None, entropy_grad: bool = True
-                    ) -> dict[str, torch.Tensor]:
+def rollout_forward(
+    model,
+    rollout,
+    temperature: float,
+    with_values: bool,
+    with_entropy: bool = False,
+    rows: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    entropy_grad: bool = True,
+) -> dict[str, torch.Tensor]:
     """:func:`sequence_forward` over a :class:`~hfpg.rollout.Rollout`'s sequences (all, or the indices ``rows``),
     ``chunk_size`` sequences at a time (None = all at once) so that no-grad forwards hold bounded memory."""
     seqs = rollout.sequences(rows)
     n = seqs["response_ids"].shape[0]
     size = chunk_size or n
-    parts = [sequence_forward(model, **{k: v[start : start + size] for k, v in seqs.items()}, temperature=temperature,
-                              with_values=with_values, with_entropy=with_entropy, entropy_grad=entropy_grad)
-             for start in range(0, n, size)]
+    parts = [
+        sequence_forward(
+            model,
+            **{k: v[start : start + size] for k, v in seqs.items()},
+            temperature=temperature,
+            with_values=with_values,
+            with_entropy=with_entropy,
+            entropy_grad=entropy_grad,
+        )
+        for start in range(0, n, size)
+    ]
     return parts[0] if len(parts) == 1 else {k: torch.cat([p[k] for p in parts], dim=0) for k in parts[0]}

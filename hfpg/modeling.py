@@ -70,7 +70,8 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
             raise ValueError(
                 f"PEFT {pretrained_model.active_peft_config.peft_type} is a prompt-learning method: it adds virtual "
                 "tokens and ignores position ids, so left-padded prompts would be scored at the wrong positions. "
-                "Use an adapter method instead (LoRA, IA3, LoHa, LoKr, VeRA, OFT, BOFT, AdaLoRA, ...)")
+                "Use an adapter method instead (LoRA, IA3, LoHa, LoKr, VeRA, OFT, BOFT, AdaLoRA, ...)"
+            )
         self.pretrained_model = pretrained_model
         config = pretrained_model.config
         text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -82,7 +83,7 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
     @classmethod
     def from_pretrained(
         cls, pretrained_model_name_or_path, *model_args, peft_config=None, **kwargs
-    ) -> "AutoModelForCausalLMWithValueHead":
+    ) -> AutoModelForCausalLMWithValueHead:
         """Load a causal LM (Hub id, local folder or an already-loaded model) and the value head saved beside it.
 
         A folder written by :meth:`save_pretrained` gives back the same weights exactly. A folder with an
@@ -152,8 +153,11 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
         hidden = out.hidden_states[-1]  # (B, L, H), after the final norm
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
-        return ValueHeadOutput(logits=out.logits, values=self.v_head(hidden),
-                               last_hidden_state=hidden if return_last_hidden_state else None)
+        return ValueHeadOutput(
+            logits=out.logits,
+            values=self.v_head(hidden),
+            last_hidden_state=hidden if return_last_hidden_state else None,
+        )
 
     def generate(self, *args, **kwargs):
         """Delegates to the wrapped model's ``generate``."""
@@ -233,7 +237,10 @@ def _find_value_head(source, kwargs) -> dict | None:
         return None
     try:  # a Hub repo that was pushed by hfpg carries its value head
         path = hf_hub_download(
-            str(source), VALUE_HEAD_FILE, revision=kwargs.get("revision"), token=kwargs.get("token"),
+            str(source),
+            VALUE_HEAD_FILE,
+            revision=kwargs.get("revision"),
+            token=kwargs.get("token"),
             cache_dir=kwargs.get("cache_dir"),
         )
         return load_file(path)
@@ -242,7 +249,7 @@ def _find_value_head(source, kwargs) -> dict | None:
         return None
 
 
-def with_value_head(model, peft_config) -> "AutoModelForCausalLMWithValueHead":
+def with_value_head(model, peft_config) -> AutoModelForCausalLMWithValueHead:
     """A model id / path, a causal LM (plain or PEFT) or a value-head model, wrapped in ``peft_config`` if given."""
     if not isinstance(model, AutoModelForCausalLMWithValueHead):
         return AutoModelForCausalLMWithValueHead.from_pretrained(model, peft_config=peft_config)
@@ -253,15 +260,19 @@ def with_value_head(model, peft_config) -> "AutoModelForCausalLMWithValueHead":
     return model
 
 
-def adalora_step_hook(policy: "AutoModelForCausalLMWithValueHead", get_step, num_optimizer_steps: int):
+def adalora_step_hook(policy: AutoModelForCausalLMWithValueHead, get_step, num_optimizer_steps: int):
     """The call an AdaLoRA policy needs after every optimizer step (before ``zero_grad``: it reads the gradients):
     ``update_and_allocate(step)``, which re-allocates ranks by importance. Its ``total_step`` should equal the run's
     optimizer steps."""
     total = policy.pretrained_model.active_peft_config.total_step
     if total != num_optimizer_steps:
-        logger.warning("AdaLoRA total_step=%s but this run takes %d optimizer steps (max_steps x epochs x "
-                       "minibatches); set total_step=%d for its rank schedule to match", total, num_optimizer_steps,
-                       num_optimizer_steps)
+        logger.warning(
+            "AdaLoRA total_step=%s but this run takes %d optimizer steps (max_steps x epochs x "
+            "minibatches); set total_step=%d for its rank schedule to match",
+            total,
+            num_optimizer_steps,
+            num_optimizer_steps,
+        )
 
     def update_and_allocate() -> None:
         policy.pretrained_model.base_model.update_and_allocate(get_step())  # the same module inside DDP
@@ -313,8 +324,9 @@ def peft_config_from_dict(spec: dict, where: str = "model.peft"):
     if isinstance(spec, PeftConfig):
         return spec
     if not isinstance(spec, dict):
-        raise ConfigError(f"{where} must be a mapping of peft config keys (e.g. {{r: 16, lora_alpha: 32}}), "
-                          f"got {spec!r}")
+        raise ConfigError(
+            f"{where} must be a mapping of peft config keys (e.g. {{r: 16, lora_alpha: 32}}), got {spec!r}"
+        )
     values = {"task_type": "CAUSAL_LM", **spec}
     peft_type = str(values.pop("peft_type", "LORA")).upper()
     known_types = sorted(str(getattr(t, "value", t)) for t in PEFT_TYPE_TO_CONFIG_MAPPING)
@@ -323,8 +335,9 @@ def peft_config_from_dict(spec: dict, where: str = "model.peft"):
         hint = f"did you mean {close!r}?" if close else f"peft offers {known_types}"
         raise ConfigError(f"{where}.peft_type={spec.get('peft_type')!r} is not a peft method; {hint}")
     cls = PEFT_TYPE_TO_CONFIG_MAPPING[peft_type]
-    problems = unknown_keys(values, [f.name for f in dataclasses.fields(cls)], f"{where}.",
-                            f" ({cls.__name__} has no such key)")
+    problems = unknown_keys(
+        values, [f.name for f in dataclasses.fields(cls)], f"{where}.", f" ({cls.__name__} has no such key)"
+    )
     if problems:
         raise ConfigError("; ".join(problems), problems)
     try:
@@ -332,8 +345,9 @@ def peft_config_from_dict(spec: dict, where: str = "model.peft"):
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{where} ({cls.__name__}): {e}") from None
     if config.is_prompt_learning:
-        raise ConfigError(f"{where}.peft_type={peft_type}: prompt-learning methods add virtual tokens and ignore "
-                          "position ids, which breaks left-padded prompts; use an adapter method (LORA, IA3, LOHA, "
-                          "LOKR, VERA, OFT, BOFT, ADALORA, ...)")
+        raise ConfigError(
+            f"{where}.peft_type={peft_type}: prompt-learning methods add virtual tokens and ignore "
+            "position ids, which breaks left-padded prompts; use an adapter method (LORA, IA3, LOHA, "
+            "LOKR, VERA, OFT, BOFT, ADALORA, ...)"
+        )
     return config
-

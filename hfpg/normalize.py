@@ -1,17 +1,21 @@
 """From the reward functions' raw numbers to the advantages the update uses: every normalisation stage, in order.
 
-| # | stage                                           | where                                | config keys                      |
-|---|-------------------------------------------------|--------------------------------------|----------------------------------|
-| 1 | z-score each reward part                        | :class:`~hfpg.rewards.CombinedReward` | ``reward_normalize``: none, batch (global batch), running (every batch so far) |
-| 2 | weighted sum of the parts, then clip the total  | :class:`~hfpg.rewards.CombinedReward` | ``rewards[].weight``, ``reward_clip`` |
-| 3 | penalise a completion without a stop token      | :class:`ScoreShaper`                 | ``missing_eos_penalty``          |
-| 4 | scale the score                                 | :class:`ScoreShaper`                 | ``score_scaling``: none, running_std (÷ running std, mean kept), whiten (global batch mean 0, std 1) |
-| 5 | clip the score                                  | :class:`ScoreShaper`                 | ``score_clip``                   |
-| 6 | per-token rewards: −β·KL at every token, the score at the last real token | :func:`~hfpg.algorithms.advantages.compute_advantages` | ``kl_coef``, ``kl_estimator``, ``kl_penalty`` |
-| 7 | whiten the per-token rewards (mean kept)        | :func:`~hfpg.algorithms.advantages.compute_advantages` | ``whiten_rewards`` |
-| 8 | advantages: GAE, or returns − baseline (``group_norm`` also divides by the group's std) | :func:`~hfpg.algorithms.advantages.compute_advantages` | ``advantage_estimator``, ``baseline`` |
-| 9 | whiten the advantages (mean removed)            | :func:`~hfpg.algorithms.advantages.compute_advantages` | ``whiten_advantages`` |
+====  ==================================================  =====================  =====================================
+#     stage                                               where                  config keys
+====  ==================================================  =====================  =====================================
+1     z-score each reward part (global batch or running)  ``CombinedReward``     ``reward_normalize``
+2     weighted sum of the parts, then clip the total      ``CombinedReward``     ``rewards[].weight``, ``reward_clip``
+3     subtract a penalty when no stop token was sampled   :class:`ScoreShaper`   ``missing_eos_penalty``
+4     scale: ÷ running std (mean kept), or whiten         :class:`ScoreShaper`   ``score_scaling``
+5     clip the score                                      :class:`ScoreShaper`   ``score_clip``
+6     per-token rewards: −β·KL(t), score at the last one  ``compute_advantages`` ``kl_coef``, ``kl_estimator``
+7     whiten the per-token rewards (mean kept)            ``compute_advantages`` ``whiten_rewards``
+8     GAE, or returns − baseline (group_norm ÷ its std)   ``compute_advantages`` ``advantage_estimator``, ``baseline``
+9     whiten the advantages (mean removed)                ``compute_advantages`` ``whiten_advantages``
+====  ==================================================  =====================  =====================================
 
+(``CombinedReward``: :mod:`hfpg.rewards.combined`; ``compute_advantages``: :mod:`hfpg.algorithms.advantages`; with
+``kl_penalty: loss`` stage 6 adds the score only and the update adds β·KL to the loss.)
 Stages 1–2 run inside the reward (so the logged ``reward/<part>/mean`` are raw scores and ``objective/scores`` the
 combined total), 3–5 here (``objective/scores_shaped``), 6–9 in the advantages. Every statistic is over the global
 batch (all processes) and follows :mod:`hfpg.stats`' convention (Bessel-corrected variance); whitening counts real

@@ -9,7 +9,7 @@ One mask convention everywhere: ``mask`` is a bool (or 0/1) tensor, **True = a r
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -33,7 +33,11 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
 
 
 def masked_whiten(
-    x: torch.Tensor, mask: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, shift_mean: bool = True,
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    shift_mean: bool = True,
     eps: float = 1e-8,
 ) -> torch.Tensor:
     """``(x - mean) / sqrt(var + eps)`` at real positions; padding stays 0.
@@ -262,8 +266,9 @@ def leave_one_out_baseline(returns: torch.Tensor, group_size: int) -> torch.Tens
     return ((g.sum(1, keepdim=True) - g) / (group_size - 1)).view(-1)
 
 
-def group_normalized(returns: torch.Tensor, seq_returns: torch.Tensor, group_size: int, eps: float = 1e-6
-                     ) -> torch.Tensor:
+def group_normalized(
+    returns: torch.Tensor, seq_returns: torch.Tensor, group_size: int, eps: float = 1e-6
+) -> torch.Tensor:
     """GRPO-style advantage: ``(G - mean_group G_0) / (std_group G_0 + eps)``, with the mean and the (Bessel-corrected)
     std of the sequence returns ``G_0`` of each sample's prompt group.
 
@@ -282,8 +287,9 @@ def group_normalized(returns: torch.Tensor, seq_returns: torch.Tensor, group_siz
 # --------------------------------------------------------------------------------------------------------------
 # conjugate gradient (TRPO's natural-gradient direction)
 # --------------------------------------------------------------------------------------------------------------
-def conjugate_gradient(matvec, b: torch.Tensor, iters: int = 10, residual_tol: float = 1e-10) -> tuple[torch.Tensor,
-                                                                                                    float]:
+def conjugate_gradient(
+    matvec, b: torch.Tensor, iters: int = 10, residual_tol: float = 1e-10
+) -> tuple[torch.Tensor, float]:
     """Solve ``A x = b`` for symmetric positive-definite ``A`` given only ``matvec(v) = A v``. (N,) -> ((N,), |r|²)."""
     x = torch.zeros_like(b)
     r = b.clone()

@@ -22,8 +22,9 @@ Overrides use dotted keys: ``model.name_or_path=./tiny``, ``data.max_train_sampl
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -32,7 +33,7 @@ from .config import PGConfig
 from .data import load_splits
 from .errors import ConfigError, DataError
 from .modeling import AutoModelForCausalLMWithValueHead, peft_config_from_dict
-from .schema import apply_overrides, build, format_problems, read_yaml, to_dict
+from .schema import apply_overrides, build, folder_of, format_problems, read_yaml, to_dict
 from .sources import materialize_gguf, resolve_source
 
 
@@ -91,7 +92,7 @@ class Recipe:
 
     @property
     def base_dir(self) -> str:
-        return os.path.dirname(os.path.abspath(self.path)) if self.path else os.getcwd()
+        return self.training.base_dir or os.getcwd()
 
     def to_dict(self) -> dict:
         """The recipe as YAML data (itself a valid recipe)."""
@@ -126,9 +127,13 @@ def recipe_from_dict(raw: dict, path: str | None = None) -> Recipe:
             problems.extend(e.problems)
     if data is not None and not data.path:
         problems.append("data.path is required (a Hub dataset id, or json/csv/parquet with data.data_files)")
-    base_dir = os.path.dirname(os.path.abspath(path)) if path else None
-    config, found = build(PGConfig, {k: v for k, v in raw.items() if k not in SECTIONS},
-                          fallback="; see `hfpg config` for every key", base_dir=base_dir)
+    base_dir = folder_of(path) if path else None
+    config, found = build(
+        PGConfig,
+        {k: v for k, v in raw.items() if k not in SECTIONS},
+        fallback="; see `hfpg config` for every key",
+        base_dir=base_dir,
+    )
     problems += found
     if problems:
         raise ConfigError(format_problems(f"invalid recipe{f' in {path}' if path else ''}", problems), problems)
@@ -166,7 +171,8 @@ def prompt_text(row: dict, spec: DataSpec) -> str:
             text = spec.prompt_template.format(**row)
         except KeyError as e:
             raise DataError(
-                f"data.prompt_template uses column {e.args[0]!r}, but the rows have {sorted(row)}") from None
+                f"data.prompt_template uses column {e.args[0]!r}, but the rows have {sorted(row)}"
+            ) from None
     else:
         text = row[spec.prompt_column]
     if spec.prompt_max_words:  # e.g. the first words of a review as a continuation prompt
@@ -179,7 +185,7 @@ def format_prompt(text: str, spec: DataSpec, tokenizer) -> str:
     if spec.chat_template:
         if not getattr(tokenizer, "chat_template", None):
             raise DataError("data.chat_template=true but the tokenizer has no chat template; set it to false")
-        messages = ([{"role": "system", "content": spec.system_prompt}] if spec.system_prompt else [])
+        messages = [{"role": "system", "content": spec.system_prompt}] if spec.system_prompt else []
         messages.append({"role": "user", "content": text})
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return text
@@ -188,11 +194,21 @@ def format_prompt(text: str, spec: DataSpec, tokenizer) -> str:
 def load_prompts(spec: DataSpec, tokenizer, base_dir: str = ".", seed: int = 0):
     """(train, eval or None) as ``datasets.Dataset`` with a ``prompt`` column (what the model sees, chat template
     included), ``prompt_text`` (the plain prompt) and the source's other columns (references, ...)."""
-    train, evals = load_splits(spec.path, name=spec.name, data_files=spec.data_files, split=spec.split,
-                               eval_split=spec.eval_split, eval_size=spec.eval_size, seed=seed, base_dir=base_dir)
+    train, evals = load_splits(
+        spec.path,
+        name=spec.name,
+        data_files=spec.data_files,
+        split=spec.split,
+        eval_split=spec.eval_split,
+        eval_size=spec.eval_size,
+        seed=seed,
+        base_dir=base_dir,
+    )
     if spec.prompt_template is None and spec.prompt_column not in train.column_names:
-        raise DataError(f"data.prompt_column={spec.prompt_column!r} is not a column of {spec.path}; its columns are "
-                        f"{train.column_names}. Set data.prompt_column or data.prompt_template")
+        raise DataError(
+            f"data.prompt_column={spec.prompt_column!r} is not a column of {spec.path}; its columns are "
+            f"{train.column_names}. Set data.prompt_column or data.prompt_template"
+        )
     if spec.max_train_samples is not None:
         train = train.select(range(min(spec.max_train_samples, len(train))))
     if evals is not None and spec.max_eval_samples is not None:

@@ -16,8 +16,7 @@ from .forward import rollout_forward
 from .rollout import Rollout, concat_rollouts
 from .stats import global_moments, global_sum
 
-_KEEP = ("prompt_ids", "prompt_mask", "response_ids", "response_mask", "has_stop", "ref_logprobs",
-         "behaviour_logprobs")
+_KEEP = ("prompt_ids", "prompt_mask", "response_ids", "response_mask", "has_stop", "ref_logprobs", "behaviour_logprobs")
 
 
 class ReplayBuffer:
@@ -69,8 +68,16 @@ class ReplayBuffer:
 
 
 @torch.no_grad()
-def mix_in_replay(buffer: ReplayBuffer, rollout: Rollout, scores: torch.Tensor, policy, config, accelerator,
-                  pad_token_id: int, step: int) -> tuple[Rollout, torch.Tensor, dict[str, float]]:
+def mix_in_replay(
+    buffer: ReplayBuffer,
+    rollout: Rollout,
+    scores: torch.Tensor,
+    policy,
+    config,
+    accelerator,
+    pad_token_id: int,
+    step: int,
+) -> tuple[Rollout, torch.Tensor, dict[str, float]]:
     """Append ``replay_batch_size / processes`` replayed sequences to the fresh rollout.
 
     Their ``logprobs``/``values`` are recomputed under the current policy (the "old" policy of this update) and each
@@ -84,16 +91,30 @@ def mix_in_replay(buffer: ReplayBuffer, rollout: Rollout, scores: torch.Tensor, 
     old = buffer.sample(n_local, step, pad_token_id, accelerator.device)
     policy.eval()
     with accelerator.autocast():
-        out = rollout_forward(policy, old, config.temperature, with_values=True, with_entropy=True,
-                              chunk_size=config.forward_batch_size)
+        out = rollout_forward(
+            policy, old, config.temperature, with_values=True, with_entropy=True, chunk_size=config.forward_batch_size
+        )
     old.logprobs, old.values, old.entropy = out["logprobs"], out["values"], out["entropy"]
     mask = old.response_mask
     raw = torch.exp(old.logprobs - old.behaviour_logprobs)
     old.is_weights = torch.where(mask, raw.clamp(max=config.replay_is_clip), 0.0)
     batch = concat_rollouts([rollout, old], pad_token_id)
-    m = global_moments(accelerator, {"staleness": old.staleness.float(), "is_weight": (old.is_weights, mask),
-                                     "truncated": ((raw > config.replay_is_clip).float(), mask)})
+    m = global_moments(
+        accelerator,
+        {
+            "staleness": old.staleness.float(),
+            "is_weight": (old.is_weights, mask),
+            "truncated": ((raw > config.replay_is_clip).float(), mask),
+        },
+    )
     replayed = m["staleness"].count
-    return batch, torch.cat([scores, old.scores]), {
-        "replay/ratio": replayed / (replayed + config.rollout_batch_size), "replay/staleness": m["staleness"].mean,
-        "replay/is_weight": m["is_weight"].mean, "replay/truncated_fraction": m["truncated"].mean}
+    return (
+        batch,
+        torch.cat([scores, old.scores]),
+        {
+            "replay/ratio": replayed / (replayed + config.rollout_batch_size),
+            "replay/staleness": m["staleness"].mean,
+            "replay/is_weight": m["is_weight"].mean,
+            "replay/truncated_fraction": m["truncated"].mean,
+        },
+    )

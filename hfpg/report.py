@@ -23,8 +23,13 @@ class SampleLogger(TrainerCallback):
         with open(self.path, "a") as f:
             shown = r.columns.get("prompt_text", r.prompts)
             for i in range(min(self.num, r.batch_size)):
-                row = {"step": step, "prompt": shown[i], "completion": r.completions[i],
-                       "score": float(r.scores[i]), **{k: float(v[i]) for k, v in r.components.items()}}
+                row = {
+                    "step": step,
+                    "prompt": shown[i],
+                    "completion": r.completions[i],
+                    "score": float(r.scores[i]),
+                    **{k: float(v[i]) for k, v in r.components.items()},
+                }
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
@@ -33,8 +38,15 @@ def sample_table(trainer, rows: list[dict]) -> list[dict]:
     """Completions and scores (with reward parts) for ``rows`` from the trainer's current policy."""
     r, _ = trainer.make_rollout(rows)
     shown = [row.get("prompt_text", row[trainer.config.prompt_column]) for row in rows]
-    return [{"prompt": shown[i], "completion": r.completions[i], "score": float(r.scores[i]),
-             **{k: float(v[i]) for k, v in r.components.items()}} for i in range(r.batch_size)]
+    return [
+        {
+            "prompt": shown[i],
+            "completion": r.completions[i],
+            "score": float(r.scores[i]),
+            **{k: float(v[i]) for k, v in r.components.items()},
+        }
+        for i in range(r.batch_size)
+    ]
 
 
 def plot_curves(metrics_path: str, png_path: str) -> str | None:
@@ -46,7 +58,8 @@ def plot_curves(metrics_path: str, png_path: str) -> str | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    rows = [json.loads(line) for line in open(metrics_path) if line.strip()]
+    with open(metrics_path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
     rows = [r for r in rows if "objective/scores" in r]
     if not rows:
         return None
@@ -72,8 +85,15 @@ def _cell(text: str, width: int = 160) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def write_report(path: str, title: str, before: dict, after: dict, samples_before: list[dict],
-                 samples_after: list[dict], plot: str | None) -> str:
+def write_report(
+    path: str,
+    title: str,
+    before: dict,
+    after: dict,
+    samples_before: list[dict],
+    samples_after: list[dict],
+    plot: str | None,
+) -> str:
     """report.md: eval metrics before and after training, and a side-by-side table of samples with their scores."""
     lines = [f"# {title}", "", "## Held-out evaluation", "", "| metric | before | after |", "|---|---|---|"]
     for key in sorted(set(before) | set(after)):
@@ -83,8 +103,10 @@ def write_report(path: str, title: str, before: dict, after: dict, samples_befor
         lines += ["", f"![reward and KL]({os.path.basename(plot)})"]
     lines += ["", "## Samples", "", "| prompt | before | score | after | score |", "|---|---|---|---|---|"]
     for b, a in zip(samples_before, samples_after):
-        lines.append(f"| {_cell(b['prompt'], 80)} | {_cell(b['completion'])} | {b['score']:.3f} | "
-                     f"{_cell(a['completion'])} | {a['score']:.3f} |")
+        lines.append(
+            f"| {_cell(b['prompt'], 80)} | {_cell(b['completion'])} | {b['score']:.3f} | "
+            f"{_cell(a['completion'])} | {a['score']:.3f} |"
+        )
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     return path

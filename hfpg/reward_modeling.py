@@ -25,20 +25,27 @@ import torch
 import torch.nn.functional as F
 import yaml
 from huggingface_hub import ModelCard, ModelCardData
-from transformers import (AutoModelForSequenceClassification, AutoTokenizer, EarlyStoppingCallback, Trainer,
-                          TrainingArguments, set_seed)
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    EarlyStoppingCallback,
+    Trainer,
+    TrainingArguments,
+    set_seed,
+)
 
 from .data import load_splits
 from .errors import ConfigError, DataError
 from .rewards.models import RewardModelReward
-from .schema import apply_overrides, build_or_raise, format_problems, read_yaml, to_dict
+from .schema import apply_overrides, build_or_raise, folder_of, format_problems, read_yaml, to_dict
 from .sources import dataset_id, is_hub_id, resolve_source
 
 OBJECTIVES = ("pairwise", "regression")
 
 
-def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None = None
-                       ) -> torch.Tensor:
+def bradley_terry_loss(
+    chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None = None
+) -> torch.Tensor:
     """-log σ(r_chosen − r_rejected − margin), averaged: (B,), (B,), (B,) or None -> scalar."""
     diff = chosen - rejected
     if margin is not None:
@@ -93,8 +100,13 @@ class RMConfig:
             p.append(f"objective={self.objective!r} is not one of {list(OBJECTIVES)}")
         if self.input_format not in ("concat", "completion", "pair"):
             p.append(f"input_format={self.input_format!r} is not one of ['concat', 'completion', 'pair']")
-        for name in ("max_length", "per_device_train_batch_size", "per_device_eval_batch_size", "eval_steps",
-                     "logging_steps"):
+        for name in (
+            "max_length",
+            "per_device_train_batch_size",
+            "per_device_eval_batch_size",
+            "eval_steps",
+            "logging_steps",
+        ):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 p.append(f"{name}={getattr(self, name)!r} must be an integer >= 1")
         if not (isinstance(self.learning_rate, (int, float)) and self.learning_rate > 0):
@@ -108,12 +120,12 @@ class RMConfig:
         return p
 
     @classmethod
-    def from_yaml(cls, path: str, overrides=()) -> "RMConfig":
+    def from_yaml(cls, path: str, overrides=()) -> RMConfig:
         raw = apply_overrides(read_yaml(path, "reward-model config"), overrides)
-        return cls.from_dict(raw, os.path.dirname(os.path.abspath(path)))
+        return cls.from_dict(raw, folder_of(path))
 
     @classmethod
-    def from_dict(cls, raw: dict, base_dir: str | None = None) -> "RMConfig":
+    def from_dict(cls, raw: dict, base_dir: str | None = None) -> RMConfig:
         return build_or_raise(cls, raw, TITLE, base_dir=base_dir)
 
 
@@ -123,14 +135,17 @@ TITLE = "invalid reward-model config"
 # ---- data ------------------------------------------------------------------------------------------------------------
 def check_rows(ds, cfg: RMConfig, name: str) -> None:
     """Missing columns, empty texts, ties and non-finite targets: one DataError naming rows and the fix."""
-    need = [cfg.chosen_column, cfg.rejected_column] if cfg.objective == "pairwise" else [cfg.text_column,
-                                                                                          cfg.score_column]
+    need = (
+        [cfg.chosen_column, cfg.rejected_column] if cfg.objective == "pairwise" else [cfg.text_column, cfg.score_column]
+    )
     if cfg.objective == "pairwise" and cfg.margin_column:
         need.append(cfg.margin_column)
     missing = [c for c in need if c not in ds.column_names]
     if missing:
-        raise DataError(f"{name} has no column(s) {missing} (its columns are {ds.column_names}); a {cfg.objective} "
-                        f"reward model needs {need} — rename them or set the *_column keys")
+        raise DataError(
+            f"{name} has no column(s) {missing} (its columns are {ds.column_names}); a {cfg.objective} "
+            f"reward model needs {need} — rename them or set the *_column keys"
+        )
     if len(ds) == 0:
         raise DataError(f"{name} is empty")
     problems = []
@@ -154,6 +169,7 @@ def check_rows(ds, cfg: RMConfig, name: str) -> None:
 
 def encode(ds, cfg: RMConfig, scorer):
     """Tokenise with ``scorer._encode`` (RewardModelReward's own encoding) into model-ready columns."""
+
     def prompts(batch, n):
         col = cfg.prompt_column
         return list(batch[col]) if col and col in batch else [""] * n
@@ -185,7 +201,7 @@ class PairCollator:
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         if "chosen_input_ids" not in features[0]:
             return self.tokenizer.pad(features, return_tensors="pt")
-        keys = [k[len("chosen_"):] for k in features[0] if k.startswith("chosen_")]
+        keys = [k[len("chosen_") :] for k in features[0] if k.startswith("chosen_")]
         rows = [{k: f[f"chosen_{k}"] for k in keys} for f in features]
         rows += [{k: f[f"rejected_{k}"] for k in keys} for f in features]
         batch = dict(self.tokenizer.pad(rows, return_tensors="pt"))
@@ -238,8 +254,11 @@ def compute_metrics_for(objective: str):
 
         x = pd.Series(np.asarray(pred.predictions, dtype=np.float64).reshape(-1))
         y = pd.Series(np.asarray(pred.label_ids, dtype=np.float64).reshape(-1))
-        return {"pearson": float(x.corr(y)), "spearman": float(x.rank().corr(y.rank())),  # Pearson of average ranks
-                "mse": float(((x - y) ** 2).mean())}
+        return {
+            "pearson": float(x.corr(y)),
+            "spearman": float(x.rank().corr(y.rank())),  # Pearson of average ranks
+            "mse": float(((x - y) ** 2).mean()),
+        }
 
     return pairwise if objective == "pairwise" else regression
 
@@ -263,28 +282,56 @@ def train_reward_model(cfg: RMConfig) -> dict[str, Any]:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"  # as RewardModelReward pads
     # one output; a classification head of another size (e.g. a 2-label sentiment model) is re-initialised
-    model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1, ignore_mismatched_sizes=True,
-                                                               **kwargs)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        source, num_labels=1, ignore_mismatched_sizes=True, **kwargs
+    )
     model.config.pad_token_id = tokenizer.pad_token_id
-    scorer = RewardModelReward(model, tokenizer, input_format=cfg.input_format, max_length=cfg.max_length,
-                               normalization=False, name="reward_model")
+    scorer = RewardModelReward(
+        model,
+        tokenizer,
+        input_format=cfg.input_format,
+        max_length=cfg.max_length,
+        normalization=False,
+        name="reward_model",
+    )
     train_enc, eval_enc = encode(train, cfg, scorer), encode(evals, cfg, scorer)
 
     metric = "accuracy" if cfg.objective == "pairwise" else "pearson"
     steps_per_epoch = math.ceil(len(train) / cfg.per_device_train_batch_size)
     args = TrainingArguments(
-        output_dir=cfg.output_dir, learning_rate=cfg.learning_rate, num_train_epochs=cfg.num_train_epochs,
+        output_dir=cfg.output_dir,
+        learning_rate=cfg.learning_rate,
+        num_train_epochs=cfg.num_train_epochs,
         per_device_train_batch_size=cfg.per_device_train_batch_size,
-        per_device_eval_batch_size=cfg.per_device_eval_batch_size, weight_decay=cfg.weight_decay,
+        per_device_eval_batch_size=cfg.per_device_eval_batch_size,
+        weight_decay=cfg.weight_decay,
         warmup_steps=int(cfg.warmup_ratio * steps_per_epoch * cfg.num_train_epochs),
-        lr_scheduler_type=cfg.lr_scheduler_type, eval_strategy="steps", eval_steps=cfg.eval_steps,
-        save_strategy="steps", save_steps=cfg.eval_steps, save_total_limit=2, load_best_model_at_end=True,
-        metric_for_best_model=metric, greater_is_better=True, logging_steps=cfg.logging_steps,
-        report_to=list(cfg.report_to), remove_unused_columns=False, seed=cfg.seed, save_only_model=True)
+        lr_scheduler_type=cfg.lr_scheduler_type,
+        eval_strategy="steps",
+        eval_steps=cfg.eval_steps,
+        save_strategy="steps",
+        save_steps=cfg.eval_steps,
+        save_total_limit=2,
+        load_best_model_at_end=True,
+        metric_for_best_model=metric,
+        greater_is_better=True,
+        logging_steps=cfg.logging_steps,
+        report_to=list(cfg.report_to),
+        remove_unused_columns=False,
+        seed=cfg.seed,
+        save_only_model=True,
+    )
     callbacks = [EarlyStoppingCallback(cfg.early_stopping_patience)] if cfg.early_stopping_patience else []
-    trainer = RewardTrainer(model=model, args=args, train_dataset=train_enc, eval_dataset=eval_enc,
-                               processing_class=tokenizer, data_collator=PairCollator(tokenizer),
-                               compute_metrics=compute_metrics_for(cfg.objective), callbacks=callbacks)
+    trainer = RewardTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_enc,
+        eval_dataset=eval_enc,
+        processing_class=tokenizer,
+        data_collator=PairCollator(tokenizer),
+        compute_metrics=compute_metrics_for(cfg.objective),
+        callbacks=callbacks,
+    )
     trainer.objective = cfg.objective
     trainer.train()
     metrics = trainer.evaluate()  # the best checkpoint, reloaded
@@ -316,28 +363,59 @@ def _eval_texts(ds, cfg: RMConfig) -> tuple[list[str], list[str]]:
 
 def write_card(folder: str, cfg: RMConfig, metrics: dict, n_train: int, n_eval: int) -> str:
     """``README.md`` with YAML metadata and a usage snippet for a trained reward model."""
-    base = cfg.model.get("hub_base_model") or (cfg.model["name_or_path"] if is_hub_id(cfg.model["name_or_path"])
-                                                else None)
+    base = cfg.model.get("hub_base_model") or (
+        cfg.model["name_or_path"] if is_hub_id(cfg.model["name_or_path"]) else None
+    )
     dataset = dataset_id(cfg.data.get("path"))
-    shown = {k.removeprefix("eval_"): round(v, 4) for k, v in metrics.items()
-             if k.startswith("eval_") and not k.endswith(("runtime", "per_second"))}
-    data = ModelCardData(base_model=base, library_name="transformers", pipeline_tag="text-classification",
-                         tags=["hfpg", "reward-model", "bradley-terry" if cfg.objective == "pairwise" else
-                               "regression"], datasets=[dataset] if dataset else None, eval_metrics=shown)
-    what = ("pairs of responses (Bradley-Terry: chosen scored above rejected)" if cfg.objective == "pairwise"
-            else "rated texts (regression on the score)")
-    lines = [f"# {os.path.basename(os.path.dirname(os.path.abspath(folder)))}", "",
-             f"A reward model trained with hfpg on {n_train} {what}; held-out set: {n_eval}.", "",
-             "| held-out metric | value |", "|---|---:|", *(f"| {k} | {v} |" for k, v in shown.items()), "",
-             "## Usage", "", "```python", "from hfpg import RewardModelReward", "",
-             f'reward = RewardModelReward("{folder}", input_format="{cfg.input_format}", max_length={cfg.max_length})',
-             'scores = reward(["Say something about Mondays."], ["Mondays are a fresh start!"])', "```", "",
-             "In an hfpg recipe:", "", "```yaml", "rewards:",
-             f"  - {{name: reward_model, kwargs: {{model: {folder}, input_format: {cfg.input_format}, "
-             f"max_length: {cfg.max_length}}}}}", "```", "",
-             "`reward_normalization.json` (when present) holds the mean and std of the scores on the held-out texts; "
-             "RewardModelReward applies it, so they score mean 0, std 1. The training config is in "
-             "`hfpg_reward_model.yaml`.", ""]
+    shown = {
+        k.removeprefix("eval_"): round(v, 4)
+        for k, v in metrics.items()
+        if k.startswith("eval_") and not k.endswith(("runtime", "per_second"))
+    }
+    data = ModelCardData(
+        base_model=base,
+        library_name="transformers",
+        pipeline_tag="text-classification",
+        tags=["hfpg", "reward-model", "bradley-terry" if cfg.objective == "pairwise" else "regression"],
+        datasets=[dataset] if dataset else None,
+        eval_metrics=shown,
+    )
+    what = (
+        "pairs of responses (Bradley-Terry: chosen scored above rejected)"
+        if cfg.objective == "pairwise"
+        else "rated texts (regression on the score)"
+    )
+    lines = [
+        f"# {os.path.basename(os.path.dirname(os.path.abspath(folder)))}",
+        "",
+        f"A reward model trained with hfpg on {n_train} {what}; held-out set: {n_eval}.",
+        "",
+        "| held-out metric | value |",
+        "|---|---:|",
+        *(f"| {k} | {v} |" for k, v in shown.items()),
+        "",
+        "## Usage",
+        "",
+        "```python",
+        "from hfpg import RewardModelReward",
+        "",
+        f'reward = RewardModelReward("{folder}", input_format="{cfg.input_format}", max_length={cfg.max_length})',
+        'scores = reward(["Say something about Mondays."], ["Mondays are a fresh start!"])',
+        "```",
+        "",
+        "In an hfpg recipe:",
+        "",
+        "```yaml",
+        "rewards:",
+        f"  - {{name: reward_model, kwargs: {{model: {folder}, input_format: {cfg.input_format}, "
+        f"max_length: {cfg.max_length}}}}}",
+        "```",
+        "",
+        "`reward_normalization.json` (when present) holds the mean and std of the scores on the held-out texts; "
+        "RewardModelReward applies it, so they score mean 0, std 1. The training config is in "
+        "`hfpg_reward_model.yaml`.",
+        "",
+    ]
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
     path = os.path.join(folder, "README.md")
     card.save(path)

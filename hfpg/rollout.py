@@ -8,8 +8,9 @@ response tokens (right-padded after the first stop token).
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from transformers import GenerationConfig
@@ -46,11 +47,15 @@ class Rollout:
 
     def sequences(self, rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The prompt and response ids and masks (of ``rows`` only, when given): what a forward needs."""
-        seqs = {"prompt_ids": self.prompt_ids, "prompt_mask": self.prompt_mask, "response_ids": self.response_ids,
-                "response_mask": self.response_mask}
+        seqs = {
+            "prompt_ids": self.prompt_ids,
+            "prompt_mask": self.prompt_mask,
+            "response_ids": self.response_ids,
+            "response_mask": self.response_mask,
+        }
         return seqs if rows is None else {k: v[rows] for k, v in seqs.items()}
 
-    def select(self, rows: slice | Sequence[int]) -> "Rollout":
+    def select(self, rows: slice | Sequence[int]) -> Rollout:
         """The rollout of ``rows`` only (e.g. one process's shard of a global batch); widths are kept."""
         index = list(range(self.batch_size))[rows] if isinstance(rows, slice) else list(rows)
         positions = torch.tensor(index, dtype=torch.long)
@@ -86,8 +91,16 @@ def concat_rollouts(rollouts: list[Rollout], pad_token_id: int) -> Rollout:
     for name in ("prompt_ids", "prompt_mask"):
         value = pad_token_id if name == "prompt_ids" else 0
         out[name] = torch.cat([pad(getattr(r, name), P, True, value) for r in rollouts])
-    for name in ("response_ids", "response_mask", "logprobs", "ref_logprobs", "values", "entropy",
-                 "behaviour_logprobs", "is_weights"):
+    for name in (
+        "response_ids",
+        "response_mask",
+        "logprobs",
+        "ref_logprobs",
+        "values",
+        "entropy",
+        "behaviour_logprobs",
+        "is_weights",
+    ):
         parts = [getattr(r, name) for r in rollouts]
         if any(x is None for x in parts):
             out[name] = None
@@ -97,9 +110,13 @@ def concat_rollouts(rollouts: list[Rollout], pad_token_id: int) -> Rollout:
     for name in ("has_stop", "scores", "staleness"):
         parts = [getattr(r, name) for r in rollouts]
         out[name] = None if any(x is None for x in parts) else torch.cat(parts)
-    columns = {k: sum((r.columns.get(k, [None] * r.batch_size) for r in rollouts), []) for k in rollouts[0].columns}
-    return Rollout(**out, prompts=sum((r.prompts for r in rollouts), []),
-                   completions=sum((r.completions for r in rollouts), []), columns=columns)
+    columns = {k: [v for r in rollouts for v in r.columns.get(k, [None] * r.batch_size)] for k in rollouts[0].columns}
+    return Rollout(
+        **out,
+        prompts=[p for r in rollouts for p in r.prompts],
+        completions=[c for r in rollouts for c in r.completions],
+        columns=columns,
+    )
 
 
 @contextlib.contextmanager
@@ -152,8 +169,12 @@ def build_generation_config(config, tokenizer, stop_token_ids: Sequence[int]) ->
 
 @torch.no_grad()
 def generate_responses(
-    model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, generation_config: GenerationConfig,
-    stop_token_ids: Sequence[int], pad_token_id: int,
+    model,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    generation_config: GenerationConfig,
+    stop_token_ids: Sequence[int],
+    pad_token_id: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sample completions and truncate each after its first stop token.
 

@@ -40,20 +40,28 @@ class RecipeRun:
             with open(os.path.join(self.output_dir, "config.yaml"), "w") as f:
                 yaml.safe_dump(recipe.to_dict(), f, sort_keys=False)
         if reward_fn is None:  # built (lazily: no model loads) before the policy, so a bad reward fails fast
-            reward_fn = build_reward(cfg.rewards, cfg.reward_normalize, cfg.reward_clip, cfg.reward_nonfinite,
-                                     base_dir=recipe.base_dir)
+            reward_fn = build_reward(
+                cfg.rewards, cfg.reward_normalize, cfg.reward_clip, cfg.reward_nonfinite, base_dir=recipe.base_dir
+            )
         else:
             cfg.rewards = []
         set_seed(cfg.seed)  # new weights (a LoRA adapter's init, a fresh value head) are reproducible too
         with state.main_process_first():  # caches (GGUF de-quantisation, datasets) are written once, by rank 0
             self.tokenizer, model, ref_model = load_tokenizer_and_model(recipe.model)
-            self.train_dataset, self.eval_dataset = load_prompts(recipe.data, self.tokenizer, recipe.base_dir,
-                                                                 cfg.seed)
-        samples = SampleLogger(os.path.join(self.output_dir, "samples.jsonl"), recipe.report.samples_every,
-                               recipe.report.num_samples)
-        self.trainer = PGTrainer(model, self.tokenizer, cfg, train_dataset=self.train_dataset,
-                                 eval_dataset=self.eval_dataset, reward_fn=reward_fn, ref_model=ref_model,
-                                 callbacks=[samples, *callbacks])
+            self.train_dataset, self.eval_dataset = load_prompts(recipe.data, self.tokenizer, recipe.base_dir, cfg.seed)
+        samples = SampleLogger(
+            os.path.join(self.output_dir, "samples.jsonl"), recipe.report.samples_every, recipe.report.num_samples
+        )
+        self.trainer = PGTrainer(
+            model,
+            self.tokenizer,
+            cfg,
+            train_dataset=self.train_dataset,
+            eval_dataset=self.eval_dataset,
+            reward_fn=reward_fn,
+            ref_model=ref_model,
+            callbacks=[samples, *callbacks],
+        )
         self._describe_for_card()
         self.results: dict[str, dict] = {}
         self.samples: dict[str, list[dict]] = {}
@@ -81,8 +89,10 @@ class RecipeRun:
     def finish(self) -> dict[str, str]:
         """Save the final model/adapter, the plot and the report; returns their paths."""
         out = self.output_dir
-        paths = {"model": self.trainer.save_model(os.path.join(out, "final")),
-                 "metrics": os.path.join(out, "metrics.jsonl")}
+        paths = {
+            "model": self.trainer.save_model(os.path.join(out, "final")),
+            "metrics": os.path.join(out, "metrics.jsonl"),
+        }
         if not self.trainer.accelerator.is_main_process:
             return paths
         if self.recipe.report.plot:
@@ -91,16 +101,26 @@ class RecipeRun:
                 paths["plot"] = plot
         if "before" in self.results and "after" in self.results:
             title = f"hfpg {self.recipe.training.algorithm}: {os.path.basename(self.recipe.path or 'recipe')}"
-            paths["report"] = write_report(os.path.join(out, "report.md"), title, self.results["before"],
-                                           self.results["after"], self.samples["before"], self.samples["after"],
-                                           paths.get("plot"))
+            paths["report"] = write_report(
+                os.path.join(out, "report.md"),
+                title,
+                self.results["before"],
+                self.results["after"],
+                self.samples["before"],
+                self.samples["after"],
+                paths.get("plot"),
+            )
             with open(os.path.join(out, "eval.json"), "w") as f:
                 json.dump({"before": self.results["before"], "after": self.results["after"]}, f, indent=2)
         cfg = self.recipe.training
         if cfg.push_to_hub:  # last: a refused push leaves a complete run directory behind
-            paths["hub"] = push_model_folder(paths["model"], cfg.hub_model_id, private=cfg.hub_private_repo,
-                                             revision=cfg.hub_revision,
-                                             commit_message=f"hfpg {cfg.algorithm}: {os.path.basename(out)}")
+            paths["hub"] = push_model_folder(
+                paths["model"],
+                cfg.hub_model_id,
+                private=cfg.hub_private_repo,
+                revision=cfg.hub_revision,
+                commit_message=f"hfpg {cfg.algorithm}: {os.path.basename(out)}",
+            )
         return paths
 
 

@@ -10,9 +10,9 @@ import shutil
 
 from accelerate.utils import broadcast_object_list
 
-from . import hub
-from .errors import ConfigError
+from . import cards, hub
 from .distributed import full_weights
+from .errors import ConfigError, HubError
 
 TRAINER_STATE = "trainer_state.json"
 
@@ -34,7 +34,7 @@ class SavingMixin:
             if self.accelerator.is_main_process:
                 policy.save_pretrained(output_dir, merge=merge)
                 self.tokenizer.save_pretrained(output_dir)
-                self.config.to_yaml(os.path.join(output_dir, hub.CONFIG_FILE))
+                self.config.to_yaml(os.path.join(output_dir, cards.CONFIG_FILE))
                 self.create_model_card(output_dir, merged=merge)
         self.accelerator.wait_for_everyone()
         return output_dir
@@ -42,20 +42,29 @@ class SavingMixin:
     def create_model_card(self, output_dir: str, merged: bool = False, repo_id: str | None = None) -> str:
         """Write ``output_dir/README.md``: YAML metadata (base_model, library_name, tags, datasets, rewards and
         weights, final metrics) from :attr:`model_card_data` and the log history, and a usage snippet."""
-        meta = hub.trainer_card_metadata(self, merged)
-        card = hub.render_model_card(meta, repo_id or self.config.hub_model_id, self.config.to_dict(), output_dir)
-        path = os.path.join(output_dir, hub.CARD_FILE)
+        meta = cards.trainer_card_metadata(self, merged)
+        card = cards.render_model_card(meta, repo_id or self.config.hub_model_id, self.config.to_dict(), output_dir)
+        path = os.path.join(output_dir, cards.CARD_FILE)
         card.save(path)
         return path
 
-    def push_to_hub(self, repo_id: str | None = None, *, private: bool | None = None, token: str | None = None,
-                    commit_message: str | None = None, revision: str | None = None, merge: bool | None = None,
-                    output_dir: str | None = None, create_pr: bool = False) -> str | None:
+    def push_to_hub(
+        self,
+        repo_id: str | None = None,
+        *,
+        private: bool | None = None,
+        token: str | None = None,
+        commit_message: str | None = None,
+        revision: str | None = None,
+        merge: bool | None = None,
+        output_dir: str | None = None,
+        create_pr: bool = False,
+    ) -> str | None:
         """Save the model (as :meth:`save_model`, into ``output_dir``, default ``<config.output_dir>/final``) and
         upload that folder to the Hub model repo ``repo_id`` (default ``config.hub_model_id``; created if needed).
 
         The token comes from ``token``, else ``HF_TOKEN`` / ``hf auth login``; it is never printed or logged. Returns
-        the commit URL (None on processes other than the main one). Raises :class:`hfpg.hub.HubError` with the cause
+        the commit URL (None on processes other than the main one). Raises :class:`hfpg.HubError` with the cause
         and the fix when the Hub cannot be reached or refuses; the saved folder stays as it is.
         """
         cfg = self.config
@@ -68,15 +77,22 @@ class SavingMixin:
         url, error = None, None
         if self.accelerator.is_main_process:
             try:
-                url = hub.push_folder(folder, repo_id, private=private, token=token, commit_message=commit_message
-                                      or f"hfpg {cfg.algorithm}: step {self.global_step}", revision=revision,
-                                      extra_files=hub.hub_files(folder, repo_id), create_pr=create_pr)
-            except hub.HubError as e:
+                url = hub.push_folder(
+                    folder,
+                    repo_id,
+                    private=private,
+                    token=token,
+                    commit_message=commit_message or f"hfpg {cfg.algorithm}: step {self.global_step}",
+                    revision=revision,
+                    extra_files=hub.hub_files(folder, repo_id),
+                    create_pr=create_pr,
+                )
+            except HubError as e:
                 error = str(e)
         if self.accelerator.num_processes > 1:  # every process raises, or none does
             error = broadcast_object_list([error])[0]
         if error is not None:
-            raise hub.HubError(error)
+            raise HubError(error)
         return url
 
     def save_checkpoint(self) -> str:
@@ -95,12 +111,15 @@ class SavingMixin:
         if path is True:
             path = latest_checkpoint(self.config.output_dir)
             if path is None:
-                raise FileNotFoundError(f"resume_from_checkpoint=True but {self.config.output_dir} holds no "
-                                        f"checkpoint-N folder; train with save_steps>0 first or pass a path")
+                raise FileNotFoundError(
+                    f"resume_from_checkpoint=True but {self.config.output_dir} holds no "
+                    f"checkpoint-N folder; train with save_steps>0 first or pass a path"
+                )
         state_file = os.path.join(path, TRAINER_STATE)
         if not os.path.isfile(state_file):
             raise FileNotFoundError(
-                f"{path} is not an hfpg checkpoint (no {TRAINER_STATE}); pass a checkpoint-N folder")
+                f"{path} is not an hfpg checkpoint (no {TRAINER_STATE}); pass a checkpoint-N folder"
+            )
         self.accelerator.load_state(path)
         with open(state_file) as f:
             self.global_step = int(json.load(f)["global_step"])

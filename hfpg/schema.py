@@ -14,16 +14,24 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import yaml
 
 from .errors import ConfigError
 
 # what a value must be, for messages: annotation -> "must be ..."
-_KINDS = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string", "list": "a list",
-          "dict": "a mapping"}
+_KINDS = {
+    "bool": "true or false",
+    "int": "an integer",
+    "float": "a number",
+    "str": "a string",
+    "list": "a list",
+    "dict": "a mapping",
+}
 
 
 def closest(word: str, choices: Iterable[str], cutoff: float = 0.6) -> str | None:
@@ -63,6 +71,11 @@ def read_yaml(path: str | Path, what: str = "config file", hint: str = "") -> di
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of key: value pairs, got {type(data).__name__}")
     return data
+
+
+def folder_of(path: str | Path) -> str:
+    """The absolute folder of a YAML file: what paths written in it are relative to (a config's ``base_dir``)."""
+    return os.path.dirname(os.path.abspath(path))
 
 
 def apply_overrides(data: dict, overrides: Iterable[str]) -> dict:
@@ -157,8 +170,9 @@ def build(cls, data: Any, where: str = "", fallback: str | None = None, **intern
         return None, [f"{where or cls.__name__} must be a mapping, got {data!r}"]
     fields = {f.name: f for f in loadable_fields(cls)}
     prefix = f"{where}." if where else ""
-    problems = unknown_keys(data, fields, prefix,
-                            f"; {where or cls.__name__} keys are {list(fields)}" if fallback is None else fallback)
+    problems = unknown_keys(
+        data, fields, prefix, f"; {where or cls.__name__} keys are {list(fields)}" if fallback is None else fallback
+    )
     values = {}
     for key in data.keys() & fields.keys():
         values[key], error = coerce(prefix + key, data[key], fields[key].type)

@@ -24,14 +24,30 @@ from .errors import ConfigError
 
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.\-]*(/[A-Za-z0-9][\w.\-]*)?")  # ``gpt2``, ``org/name``
 # load_dataset builders that read local files: not a dataset to name in a model card
-LOCAL_BUILDERS = {"json", "csv", "parquet", "text", "arrow", "pandas", "generator", "imagefolder", "audiofolder",
-                  "webdataset", "sql"}
+LOCAL_BUILDERS = {
+    "json",
+    "csv",
+    "parquet",
+    "text",
+    "arrow",
+    "pandas",
+    "generator",
+    "imagefolder",
+    "audiofolder",
+    "webdataset",
+    "sql",
+}
 
 
 def repo_id_shaped(name) -> bool:
     """True for strings shaped like a Hub repo id (``gpt2``, ``org/name``), whether or not such a path exists."""
-    return isinstance(name, str) and REPO_ID.fullmatch(name) is not None and "--" not in name \
-        and ".." not in name and len(name) <= 96
+    return (
+        isinstance(name, str)
+        and REPO_ID.fullmatch(name) is not None
+        and "--" not in name
+        and ".." not in name
+        and len(name) <= 96
+    )
 
 
 def is_hub_id(name: str | None) -> bool:
@@ -66,9 +82,11 @@ def resolve_source(name: str) -> str:
     package, _, sub = name[4:].partition("/")
     spec = importlib.util.find_spec(package)  # locates the package without importing it
     if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(f"{name!r}: the Python package {package!r} is not installed "
-                          f"(e.g. `pip install --no-deps {package.replace('_', '-')}`)")
-    folder = list(spec.submodule_search_locations)[0]
+        raise ConfigError(
+            f"{name!r}: the Python package {package!r} is not installed "
+            f"(e.g. `pip install --no-deps {package.replace('_', '-')}`)"
+        )
+    folder = next(iter(spec.submodule_search_locations))
     if sub:
         folder = os.path.join(folder, sub)
         if not os.path.isdir(folder):

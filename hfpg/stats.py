@@ -44,7 +44,7 @@ class Moments:
         return math.sqrt(self.var)
 
     @classmethod
-    def from_sums(cls, count: float, total: float, total_sq: float) -> "Moments":
+    def from_sums(cls, count: float, total: float, total_sq: float) -> Moments:
         """From (n, Σx, Σx²); ``m2`` is clamped at 0 against rounding."""
         if count <= 0:
             return cls()
@@ -52,11 +52,11 @@ class Moments:
         return cls(count, mean, max(total_sq - count * mean * mean, 0.0))
 
     @classmethod
-    def of(cls, x: torch.Tensor, mask: torch.Tensor | None = None) -> "Moments":
+    def of(cls, x: torch.Tensor, mask: torch.Tensor | None = None) -> Moments:
         """Moments of ``x`` (at the positions where ``mask`` is True) on this process only."""
         return cls.from_sums(*_sums(x, mask).tolist())
 
-    def merge(self, other: "Moments") -> "Moments":
+    def merge(self, other: Moments) -> Moments:
         """The moments of both sets together (Chan et al.'s parallel update: stable for any sizes)."""
         if other.count == 0:
             return self
@@ -72,15 +72,19 @@ def _sums(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """(n, Σx, Σx²) of ``x`` (where ``mask``), float64, on ``x``'s device: (3,)."""
     x = x.detach().double()
     if mask is None:
-        return torch.stack([torch.tensor(float(x.numel()), dtype=torch.float64, device=x.device), x.sum(),
-                            (x * x).sum()])
+        return torch.stack(
+            [torch.tensor(float(x.numel()), dtype=torch.float64, device=x.device), x.sum(), (x * x).sum()]
+        )
     mask = mask.bool()
     x = torch.where(mask, x, torch.zeros_like(x))
     return torch.stack([mask.sum().double(), x.sum(), (x * x).sum()])
 
 
-def global_moments(accelerator, values: dict[str, torch.Tensor | tuple[torch.Tensor, torch.Tensor]],
-                   device: torch.device | str | None = None) -> dict[str, Moments]:
+def global_moments(
+    accelerator,
+    values: dict[str, torch.Tensor | tuple[torch.Tensor, torch.Tensor]],
+    device: torch.device | str | None = None,
+) -> dict[str, Moments]:
     """Moments of each named tensor over every process's values, in one reduction.
 
     values: ``{name: x}`` or ``{name: (x, mask)}`` (only positions where ``mask`` is True count). ``device``: where
@@ -101,8 +105,13 @@ def global_moments(accelerator, values: dict[str, torch.Tensor | tuple[torch.Ten
 def global_whiten(accelerator, x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
     """:func:`hfpg.ops.masked_whiten` with the mean and variance of ``x``'s real positions over all processes."""
     m = global_moments(accelerator, {"x": (x, mask)}, device=x.device)["x"]
-    return ops.masked_whiten(x, mask, mean=torch.tensor(m.mean, device=x.device, dtype=x.dtype),
-                             var=torch.tensor(m.var, device=x.device, dtype=x.dtype), shift_mean=shift_mean)
+    return ops.masked_whiten(
+        x,
+        mask,
+        mean=torch.tensor(m.mean, device=x.device, dtype=x.dtype),
+        var=torch.tensor(m.var, device=x.device, dtype=x.dtype),
+        shift_mean=shift_mean,
+    )
 
 
 def explained_variance(returns: Moments, residual: Moments) -> float:

@@ -6,7 +6,7 @@ import json
 import logging
 import os
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from accelerate import Accelerator
@@ -24,14 +24,26 @@ from .errors import ConfigError, DataError
 from .forward import rollout_forward
 from .kl import build_kl_controller
 from .metrics import component_metrics, step_metrics
-from .modeling import (AutoModelForCausalLMWithValueHead, adalora_step_hook, create_reference_model, disable_dropout,
-                       reference_context, with_value_head)
+from .modeling import (
+    AutoModelForCausalLMWithValueHead,
+    adalora_step_hook,
+    create_reference_model,
+    disable_dropout,
+    reference_context,
+    with_value_head,
+)
 from .normalize import ScoreShaper
 from .replay import ReplayBuffer, mix_in_replay
 from .rewards.base import compute_scores, setup_reward
 from .rewards.registry import build_reward
-from .rollout import (Rollout, build_generation_config, columns_for, decode_completions, generate_responses,
-                      tokenize_prompts)
+from .rollout import (
+    Rollout,
+    build_generation_config,
+    columns_for,
+    decode_completions,
+    generate_responses,
+    tokenize_prompts,
+)
 from .saving import SavingMixin
 from .sources import is_hub_id
 from .stats import global_moments, global_sum
@@ -50,10 +62,20 @@ class PGTrainer(SavingMixin):
     adapter and the value head train, and the reference is the same base with the adapter disabled.
     """
 
-    def __init__(self, model, tokenizer: PreTrainedTokenizerBase | None = None, config: PGConfig | dict | None = None,
-                 train_dataset=None, reward_fn: Callable | None = None, ref_model=None, eval_dataset=None,
-                 callbacks: list[TrainerCallback] | None = None, optimizers=(None, None), processing_class=None,
-                 peft_config=None):
+    def __init__(
+        self,
+        model,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        config: PGConfig | dict | None = None,
+        train_dataset=None,
+        reward_fn: Callable | None = None,
+        ref_model=None,
+        eval_dataset=None,
+        callbacks: list[TrainerCallback] | None = None,
+        optimizers=(None, None),
+        processing_class=None,
+        peft_config=None,
+    ):
         self.config = config = _as_config(config)
         self.reward_fn = _resolve_reward(reward_fn, config)  # a bad reward fails before any model loads
         self.algorithm = build_algorithm(config)
@@ -68,8 +90,13 @@ class PGTrainer(SavingMixin):
         self.callbacks = list(callbacks or [])
         # what the model card says beyond the config and the log: edit before save_model() / push_to_hub()
         base_name = getattr(model.base_model.config, "_name_or_path", None)
-        self.model_card_data: dict = {"base_model": base_name if is_hub_id(base_name) else None,
-                                      "datasets": None, "tags": [], "license": None, "language": None}
+        self.model_card_data: dict = {
+            "base_model": base_name if is_hub_id(base_name) else None,
+            "datasets": None,
+            "tags": [],
+            "license": None,
+            "language": None,
+        }
         self.global_step = 0
         self.last_rollout: Rollout | None = None
         self.should_stop = False
@@ -84,8 +111,9 @@ class PGTrainer(SavingMixin):
         accelerator = Accelerator(
             mixed_precision=config.mixed_precision,
             log_with=config.report_to or None,
-            project_config=ProjectConfiguration(project_dir=config.output_dir,
-                                                logging_dir=os.path.join(config.output_dir, "runs")),
+            project_config=ProjectConfiguration(
+                project_dir=config.output_dir, logging_dir=os.path.join(config.output_dir, "runs")
+            ),
             **accelerator_kwargs(),
         )
         check_launch(accelerator)
@@ -116,8 +144,10 @@ class PGTrainer(SavingMixin):
         config = self.config
         train, evals = as_dataset(train_dataset, "train_dataset"), as_dataset(eval_dataset, "eval_dataset")
         if train is None:
-            raise DataError("train_dataset is required: a datasets.Dataset (or list of dicts) with a "
-                            f"{config.prompt_column!r} column")
+            raise DataError(
+                "train_dataset is required: a datasets.Dataset (or list of dicts) with a "
+                f"{config.prompt_column!r} column"
+            )
         text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self._context_length = getattr(text_config, "max_position_embeddings", None)
         for ds, name in ((train, "train_dataset"), (evals, "eval_dataset")):
@@ -127,8 +157,15 @@ class PGTrainer(SavingMixin):
 
     def _check_prompts(self, dataset, name: str) -> None:
         cfg = self.config
-        check_prompts(dataset, name, cfg.prompt_column, self.tokenizer, cfg.max_prompt_length, cfg.max_new_tokens,
-                      self._context_length)
+        check_prompts(
+            dataset,
+            name,
+            cfg.prompt_column,
+            self.tokenizer,
+            cfg.max_prompt_length,
+            cfg.max_new_tokens,
+            self._context_length,
+        )
 
     def _prepare_models(self, model, ref_model):
         """Freeze an unused value head, switch dropout off, build the frozen reference (None for a PEFT policy: the
@@ -158,15 +195,23 @@ class PGTrainer(SavingMixin):
         self.num_optimizer_steps = config.max_steps * self.algorithm.optimizer_steps_per_update
         if model.peft_type == "ADALORA":  # re-allocates ranks from the gradients after every optimizer step
             self.algorithm.add_optimizer_step_hook(
-                adalora_step_hook(model, lambda: self.scheduler.last_epoch, self.num_optimizer_steps))
+                adalora_step_hook(model, lambda: self.scheduler.last_epoch, self.num_optimizer_steps)
+            )
         if optimizer is None:
             optimizer = torch.optim.AdamW(
-                [p for p in model.parameters() if p.requires_grad], lr=config.learning_rate,
-                betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
-                weight_decay=config.weight_decay)
+                [p for p in model.parameters() if p.requires_grad],
+                lr=config.learning_rate,
+                betas=(config.adam_beta1, config.adam_beta2),
+                eps=config.adam_epsilon,
+                weight_decay=config.weight_decay,
+            )
         if scheduler is None:
-            scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=config.warmup_steps,
-                                      num_training_steps=self.num_optimizer_steps)
+            scheduler = get_scheduler(
+                config.lr_scheduler_type,
+                optimizer,
+                num_warmup_steps=config.warmup_steps,
+                num_training_steps=self.num_optimizer_steps,
+            )
         configure_deepspeed(self.accelerator, config)
         model, optimizer = self.accelerator.prepare(model, optimizer)
         return model, optimizer, scheduler  # the scheduler is not prepared: Accelerate would step it per process
@@ -179,16 +224,21 @@ class PGTrainer(SavingMixin):
         self.kl_ctl = build_kl_controller(config)
         self.score_shaper = ScoreShaper(config)
         prompts_per_step = config.rollout_batch_size // config.num_samples_per_prompt
-        self.sampler = PromptSampler(len(self.train_dataset), prompts_per_step, config.seed, acc.process_index,
-                                     acc.num_processes)
-        self.replay = (ReplayBuffer(config.replay_buffer_size, config.num_samples_per_prompt)
-                       if config.replay_buffer_size else None)
+        self.sampler = PromptSampler(
+            len(self.train_dataset), prompts_per_step, config.seed, acc.process_index, acc.num_processes
+        )
+        self.replay = (
+            ReplayBuffer(config.replay_buffer_size, config.num_samples_per_prompt)
+            if config.replay_buffer_size
+            else None
+        )
         for obj in (self.scheduler, self.kl_ctl, self.score_shaper, self.sampler, self.algorithm, self.replay):
             if obj is not None:
                 acc.register_for_checkpointing(obj)
         setup_reward(self.reward_fn, device=acc.device, gather=self._gather_cpu)  # models never go into DDP
-        if callable(getattr(self.reward_fn, "state_dict", None)) and callable(getattr(self.reward_fn,
-                                                                                       "load_state_dict", None)):
+        if callable(getattr(self.reward_fn, "state_dict", None)) and callable(
+            getattr(self.reward_fn, "load_state_dict", None)
+        ):
             acc.register_for_checkpointing(self.reward_fn)
 
     # ---- public API ------------------------------------------------------------------------------------------------
@@ -204,17 +254,29 @@ class PGTrainer(SavingMixin):
             self.load_checkpoint(resume_from_checkpoint)
         self._init_trackers()
         self._callback("on_train_begin")
-        bar = tqdm(total=cfg.max_steps, initial=self.global_step, desc=f"hfpg {cfg.algorithm}", dynamic_ncols=True,
-                   disable=cfg.disable_tqdm or not self.accelerator.is_local_main_process)
+        bar = tqdm(
+            total=cfg.max_steps,
+            initial=self.global_step,
+            desc=f"hfpg {cfg.algorithm}",
+            dynamic_ncols=True,
+            disable=cfg.disable_tqdm or not self.accelerator.is_local_main_process,
+        )
         metrics: dict[str, float] = {}
         while self.global_step < cfg.max_steps and not self.should_stop:
             metrics = self.step()
             self.global_step += 1
             bar.update(1)
-            parts = {k.split("/")[1]: f"{v:.3g}" for k, v in metrics.items()
-                     if k.startswith("reward/") and k.endswith("/mean")}
-            bar.set_postfix(score=f"{metrics['objective/scores']:.3f}", **dict(list(parts.items())[:4]),
-                            kl=f"{metrics['objective/kl']:.3f}", beta=f"{metrics['objective/kl_coef']:.3g}")
+            parts = {
+                k.split("/")[1]: f"{v:.3g}"
+                for k, v in metrics.items()
+                if k.startswith("reward/") and k.endswith("/mean")
+            }
+            bar.set_postfix(
+                score=f"{metrics['objective/scores']:.3f}",
+                **dict(list(parts.items())[:4]),
+                kl=f"{metrics['objective/kl']:.3f}",
+                beta=f"{metrics['objective/kl_coef']:.3g}",
+            )
             if self.global_step % cfg.logging_steps == 0 or self.global_step == cfg.max_steps:
                 self.log(metrics)
             if cfg.eval_steps and self.eval_dataset is not None and self.global_step % cfg.eval_steps == 0:
@@ -249,8 +311,17 @@ class PGTrainer(SavingMixin):
         batch, batch_scores, replay_metrics = self._add_replay(rollout, scores)
         kl_coef = self.kl_ctl.value
         adv = self.algorithm.compute_advantages(batch, batch_scores, kl_coef, self.accelerator)
-        update_metrics = self.algorithm.update(self.model, self.optimizer, self.scheduler, self.accelerator, batch,
-                                               adv["advantages"], adv["returns"], kl_coef, first_forward)
+        update_metrics = self.algorithm.update(
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            self.accelerator,
+            batch,
+            adv["advantages"],
+            adv["returns"],
+            kl_coef,
+            first_forward,
+        )
         timings["time/update"] = self._clock() - t0
         B, T = rollout.response_ids.shape  # the fresh rows come first in the batch
         fresh_adv = {k: v[:B, :T] for k, v in adv.items()}
@@ -264,8 +335,9 @@ class PGTrainer(SavingMixin):
         metrics.update(update_metrics)
         metrics.update(timings)
         metrics["time/step"] = step_time = self._clock() - t_step
-        tokens = global_sum(self.accelerator, torch.stack([rollout.prompt_mask.sum(), rollout.response_mask.sum()])
-                            .float()).tolist()
+        tokens = global_sum(
+            self.accelerator, torch.stack([rollout.prompt_mask.sum(), rollout.response_mask.sum()]).float()
+        ).tolist()
         metrics["tokens_per_second"] = (tokens[0] + tokens[1]) / step_time
         metrics["time/generated_tokens_per_second"] = tokens[1] / max(timings["time/generate"], 1e-9)
         return metrics
@@ -278,8 +350,16 @@ class PGTrainer(SavingMixin):
         if self.replay is None:
             return rollout, scores, {}
         with full_weights(self.model, self.accelerator, self.config.gather_for_generation) as policy:
-            return mix_in_replay(self.replay, rollout, scores, policy, self.config, self.accelerator,
-                                 self.tokenizer.pad_token_id, self.global_step)
+            return mix_in_replay(
+                self.replay,
+                rollout,
+                scores,
+                policy,
+                self.config,
+                self.accelerator,
+                self.tokenizer.pad_token_id,
+                self.global_step,
+            )
 
     @torch.no_grad()
     def make_rollout(self, rows: list[dict], policy_forward: bool = True) -> tuple[Rollout, dict[str, float]]:
@@ -300,22 +380,41 @@ class PGTrainer(SavingMixin):
         prompt_ids, prompt_mask = tokenize_prompts(self.tokenizer, prompts, cfg.max_prompt_length, acc.device)
         with acc.autocast():
             response_ids, response_mask, has_stop = generate_responses(
-                policy, prompt_ids, prompt_mask, self.generation_config, self.stop_token_ids,
-                self.tokenizer.pad_token_id)
+                policy,
+                prompt_ids,
+                prompt_mask,
+                self.generation_config,
+                self.stop_token_ids,
+                self.tokenizer.pad_token_id,
+            )
         timings["time/generate"] = clock() - t
-        rollout = Rollout(prompt_ids, prompt_mask, response_ids, response_mask, has_stop, prompts=prompts,
-                          columns=columns_for(rows, cfg.prompt_column))
+        rollout = Rollout(
+            prompt_ids,
+            prompt_mask,
+            response_ids,
+            response_mask,
+            has_stop,
+            prompts=prompts,
+            columns=columns_for(rows, cfg.prompt_column),
+        )
         t = clock()
         if policy_forward:
             with acc.autocast():
-                out = rollout_forward(policy, rollout, cfg.temperature, with_values=True, with_entropy=True,
-                                      chunk_size=cfg.forward_batch_size)
+                out = rollout_forward(
+                    policy,
+                    rollout,
+                    cfg.temperature,
+                    with_values=True,
+                    with_entropy=True,
+                    chunk_size=cfg.forward_batch_size,
+                )
             rollout.logprobs, rollout.values, rollout.entropy = out["logprobs"], out["values"], out["entropy"]
         timings["time/policy_forward"] = clock() - t
         t = clock()
         with acc.autocast(), reference_context(policy, self.ref_model) as ref:
-            rollout.ref_logprobs = rollout_forward(ref, rollout, cfg.temperature, with_values=False,
-                                                   chunk_size=cfg.forward_batch_size)["logprobs"]
+            rollout.ref_logprobs = rollout_forward(
+                ref, rollout, cfg.temperature, with_values=False, chunk_size=cfg.forward_batch_size
+            )["logprobs"]
         timings["time/ref_forward"] = clock() - t
         t = clock()
         rollout.completions = decode_completions(self.tokenizer, response_ids, response_mask)
@@ -350,10 +449,16 @@ class PGTrainer(SavingMixin):
             for name, scores in r.components.items():
                 components.setdefault(name, []).append(scores)
         m = global_moments(acc, {k: torch.cat(v) if v else torch.zeros(0, device=acc.device) for k, v in parts.items()})
-        metrics = {"eval/scores": m["scores"].mean, "eval/scores_std": m["scores"].std, "eval/kl": m["kl"].mean,
-                   "eval/completion_length": m["length"].mean, "eval/num_samples": m["scores"].count}
-        metrics.update(component_metrics(acc, self.reward_fn, {k: torch.cat(v) for k, v in components.items()},
-                                         "eval/reward"))
+        metrics = {
+            "eval/scores": m["scores"].mean,
+            "eval/scores_std": m["scores"].std,
+            "eval/kl": m["kl"].mean,
+            "eval/completion_length": m["length"].mean,
+            "eval/num_samples": m["scores"].count,
+        }
+        metrics.update(
+            component_metrics(acc, self.reward_fn, {k: torch.cat(v) for k, v in components.items()}, "eval/reward")
+        )
         self.log(metrics)
         self._callback("on_evaluate", self.global_step, metrics)
         return metrics
@@ -387,8 +492,9 @@ class PGTrainer(SavingMixin):
     def _init_trackers(self) -> None:
         if self._trackers_ready or not self.config.report_to:
             return
-        hparams = {k: (v if isinstance(v, (int, float, str, bool)) else str(v))
-                   for k, v in self.config.to_dict().items()}
+        hparams = {
+            k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in self.config.to_dict().items()
+        }
         self.accelerator.init_trackers("hfpg", config=hparams)
         self._trackers_ready = True
 
@@ -409,14 +515,23 @@ class PGTrainer(SavingMixin):
 def _resolve_reward(reward_fn, config: PGConfig):
     """The reward to train against: ``reward_fn``, or the ``rewards:`` the config declares (built, not loaded)."""
     if reward_fn is not None and config.rewards and getattr(reward_fn, "specs", None) != config.rewards:
-        raise ConfigError("both reward_fn and config.rewards are set; pass one (rewards: in YAML builds a "
-                          "CombinedReward, reward_fn= takes any callable or CombinedReward)")
+        raise ConfigError(
+            "both reward_fn and config.rewards are set; pass one (rewards: in YAML builds a "
+            "CombinedReward, reward_fn= takes any callable or CombinedReward)"
+        )
     if reward_fn is None and config.rewards:
-        reward_fn = build_reward(config.rewards, config.reward_normalize, config.reward_clip,
-                                 config.reward_nonfinite, base_dir=config.base_dir)
+        reward_fn = build_reward(
+            config.rewards,
+            config.reward_normalize,
+            config.reward_clip,
+            config.reward_nonfinite,
+            base_dir=config.base_dir,
+        )
     if reward_fn is None or not callable(reward_fn):
-        raise TypeError("reward_fn must be a callable fn(prompts, completions, **columns) -> list[float] "
-                        "(or declare rewards: in the config)")
+        raise TypeError(
+            "reward_fn must be a callable fn(prompts, completions, **columns) -> list[float] "
+            "(or declare rewards: in the config)"
+        )
     return reward_fn
 
 

@@ -18,9 +18,9 @@ parser.add_argument("overrides", nargs="*", help="key=value, dotted for sections
 args = parser.parse_args()
 
 recipe = load_recipe(args.config, args.overrides)  # YAML + overrides, validated before anything loads
-run = RecipeRun(recipe)                            # tokenizer, policy + value head (+ LoRA), prompts, trainer
-run.evaluate("before")                             # held-out reward of the untrained policy
-run.trainer.train()                                # rollout -> rewards -> KL-shaped advantages -> PPO update, per step
+run = RecipeRun(recipe)  # tokenizer, policy + value head (+ LoRA), prompts, trainer
+run.evaluate("before")  # held-out reward of the untrained policy
+run.trainer.train()  # rollout -> rewards -> KL-shaped advantages -> PPO update, per step
 run.evaluate("after")
-for name, path in run.finish().items():            # final/ model or adapter, reward_kl.png, report.md
+for name, path in run.finish().items():  # final/ model or adapter, reward_kl.png, report.md
     print(f"{name:8s} {path}")

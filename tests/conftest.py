@@ -24,10 +24,12 @@ def make_tokenizer(pad_is_eos: bool = False) -> PreTrainedTokenizerFast:
     from tokenizers import ByteLevelBPETokenizer
 
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(CORPUS, vocab_size=320, min_frequency=1, show_progress=False,
-                            special_tokens=["<|endoftext|>", "<pad>"])
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>",
-                                  bos_token="<|endoftext|>", unk_token="<|endoftext|>")
+    bpe.train_from_iterator(
+        CORPUS, vocab_size=320, min_frequency=1, show_progress=False, special_tokens=["<|endoftext|>", "<pad>"]
+    )
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>", bos_token="<|endoftext|>", unk_token="<|endoftext|>"
+    )
     tok.pad_token = tok.eos_token if pad_is_eos else "<pad>"
     return tok
 
@@ -51,19 +53,34 @@ def tokenizer_pad_is_eos():
 
 def tiny_gpt2(tokenizer, seed: int = 0, **overrides) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
-    cfg = dict(vocab_size=len(tokenizer), n_positions=128, n_embd=32, n_layer=2, n_head=2,
-               bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
-               pad_token_id=tokenizer.pad_token_id)
+    cfg = dict(
+        vocab_size=len(tokenizer),
+        n_positions=128,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     cfg.update(overrides)
     return GPT2LMHeadModel(GPT2Config(**cfg)).eval()
 
 
 def tiny_llama(tokenizer, seed: int = 0, **overrides) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    cfg = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-               bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
-               pad_token_id=tokenizer.pad_token_id)
+    cfg = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     cfg.update(overrides)
     return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
 

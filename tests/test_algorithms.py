@@ -1,4 +1,4 @@
-"""REINFORCE, critic-free baselines, TRPO and replay: DESIGN.md detail 17 and the equivalences between them."""
+"""REINFORCE, critic-free baselines, TRPO and replay: docs/design.md detail 17 and the equivalences between them."""
 
 from __future__ import annotations
 
@@ -54,13 +54,27 @@ def _rollout(scores_len: list[int], values=None) -> Rollout:
     mask = torch.arange(T)[None] < torch.tensor(scores_len)[:, None]
     z = torch.zeros(B, T)
     ids = torch.zeros(B, T, dtype=torch.long)
-    return Rollout(ids[:, :1], torch.ones(B, 1), ids, mask, torch.ones(B, dtype=torch.bool), logprobs=z.clone(),
-                   ref_logprobs=z.clone(), values=values if values is not None else z.clone())
+    return Rollout(
+        ids[:, :1],
+        torch.ones(B, 1),
+        ids,
+        mask,
+        torch.ones(B, dtype=torch.bool),
+        logprobs=z.clone(),
+        ref_logprobs=z.clone(),
+        values=values if values is not None else z.clone(),
+    )
 
 
 def _cfg(**kw) -> PGConfig:
-    base = dict(advantage_estimator="returns", whiten_advantages=False, gamma=1.0, kl_coef=0.0, rollout_batch_size=4,
-                mini_batch_size=4)
+    base = dict(
+        advantage_estimator="returns",
+        whiten_advantages=False,
+        gamma=1.0,
+        kl_coef=0.0,
+        rollout_batch_size=4,
+        mini_batch_size=4,
+    )
     base.update(kw)
     return PGConfig(**base)
 
@@ -79,12 +93,12 @@ def test_group_norm_matches_a_hand_computation():
 def test_returns_with_no_value_and_moving_average_baselines():
     r = _rollout([2, 2], values=torch.tensor([[0.5, 0.25], [1.0, 0.0]]))
     scores = torch.tensor([1.0, 3.0])
-    none = compute_advantages(r, scores, 0.0, _cfg(baseline="none", gamma=0.5, rollout_batch_size=2,
-                                                    mini_batch_size=2))
+    none = compute_advantages(r, scores, 0.0, _cfg(baseline="none", gamma=0.5, rollout_batch_size=2, mini_batch_size=2))
     # G_t with γ = 0.5 and the score at the last token: [0.5, 1] and [1.5, 3]
     torch.testing.assert_close(none["advantages"], torch.tensor([[0.5, 1.0], [1.5, 3.0]]))
-    value = compute_advantages(r, scores, 0.0, _cfg(baseline="value", gamma=0.5, rollout_batch_size=2,
-                                                     mini_batch_size=2))
+    value = compute_advantages(
+        r, scores, 0.0, _cfg(baseline="value", gamma=0.5, rollout_batch_size=2, mini_batch_size=2)
+    )
     torch.testing.assert_close(value["advantages"], torch.tensor([[0.0, 0.75], [0.5, 3.0]]))
     ema = MovingAverageBaseline(0.9)
     cfg = _cfg(baseline="moving_average", rollout_batch_size=2, mini_batch_size=2)
@@ -134,12 +148,28 @@ def test_invalid_algorithm_combinations_are_config_errors():
 def _sgd_trainer(tokenizer, tmp_path, **overrides):
     model = AutoModelForCausalLMWithValueHead(tiny_gpt2(tokenizer))
     sgd = torch.optim.SGD(model.parameters(), lr=0.1)
-    cfg = dict(output_dir=str(tmp_path), max_steps=1, rollout_batch_size=8, mini_batch_size=8, ppo_epochs=1,
-               max_new_tokens=6, report_to=[], disable_tqdm=True, lr_scheduler_type="constant", max_grad_norm=None,
-               kl_coef=0.05)
+    cfg = dict(
+        output_dir=str(tmp_path),
+        max_steps=1,
+        rollout_batch_size=8,
+        mini_batch_size=8,
+        ppo_epochs=1,
+        max_new_tokens=6,
+        report_to=[],
+        disable_tqdm=True,
+        lr_scheduler_type="constant",
+        max_grad_norm=None,
+        kl_coef=0.05,
+    )
     cfg.update(overrides)
-    return PGTrainer(model, tokenizer, PGConfig(**cfg), train_dataset=[{"prompt": p} for p in PROMPTS * 2],
-                     reward_fn=length_reward, optimizers=(sgd, None))
+    return PGTrainer(
+        model,
+        tokenizer,
+        PGConfig(**cfg),
+        train_dataset=[{"prompt": p} for p in PROMPTS * 2],
+        reward_fn=length_reward,
+        optimizers=(sgd, None),
+    )
 
 
 def test_ppo_one_epoch_lambda_one_equals_reinforce_with_a_value_baseline(tokenizer, tmp_path):
@@ -147,8 +177,9 @@ def test_ppo_one_epoch_lambda_one_equals_reinforce_with_a_value_baseline(tokeniz
     equals the plain one: one SGD step of each gives the same weights."""
     ppo = _sgd_trainer(tokenizer, tmp_path / "ppo", algorithm="ppo", advantage_estimator="gae", lam=1.0)
     ppo.train()
-    reinforce = _sgd_trainer(tokenizer, tmp_path / "rf", algorithm="reinforce", advantage_estimator="returns",
-                             baseline="value")
+    reinforce = _sgd_trainer(
+        tokenizer, tmp_path / "rf", algorithm="reinforce", advantage_estimator="returns", baseline="value"
+    )
     reinforce.train()
     a, b = params(ppo.unwrapped_model), params(reinforce.unwrapped_model)
     init = params(AutoModelForCausalLMWithValueHead(tiny_gpt2(tokenizer)))
@@ -167,9 +198,18 @@ def test_samples_per_prompt_form_contiguous_groups(tokenizer, tmp_path):
         seen.append(prompts)
         return [float(len(c)) for c in completions]
 
-    trainer = make_trainer(tokenizer, tmp_path, reward=spy, max_steps=1, algorithm="reinforce",
-                           advantage_estimator="returns", baseline="leave_one_out", num_samples_per_prompt=4,
-                           rollout_batch_size=8, mini_batch_size=8)
+    trainer = make_trainer(
+        tokenizer,
+        tmp_path,
+        reward=spy,
+        max_steps=1,
+        algorithm="reinforce",
+        advantage_estimator="returns",
+        baseline="leave_one_out",
+        num_samples_per_prompt=4,
+        rollout_batch_size=8,
+        mini_batch_size=8,
+    )
     trainer.train()
     prompts = seen[0]
     assert len(prompts) == 8 and prompts[:4] == [prompts[0]] * 4 and prompts[4:] == [prompts[4]] * 4
@@ -182,10 +222,12 @@ def _capture_update(trainer):
     original = trainer.algorithm.update
 
     def spy(model, optimizer, scheduler, accelerator, rollout, advantages, returns, kl_coef=0.0, first_forward=None):
-        captured.update(rollout=rollout, advantages=advantages.clone(),
-                        before=copy.deepcopy(accelerator.unwrap_model(model).pretrained_model))
-        return original(model, optimizer, scheduler, accelerator, rollout, advantages, returns, kl_coef,
-                        first_forward)
+        captured.update(
+            rollout=rollout,
+            advantages=advantages.clone(),
+            before=copy.deepcopy(accelerator.unwrap_model(model).pretrained_model),
+        )
+        return original(model, optimizer, scheduler, accelerator, rollout, advantages, returns, kl_coef, first_forward)
 
     trainer.algorithm.update = spy
     return captured
@@ -201,8 +243,9 @@ def _log_dist(lm, r, temperature=1.0):
 
 
 def test_trpo_accepted_step_respects_the_trust_region_and_improves_the_surrogate(tokenizer, tmp_path):
-    trainer = make_trainer(tokenizer, tmp_path, algorithm="trpo", max_kl=0.02, max_steps=1, rollout_batch_size=16,
-                           mini_batch_size=8)
+    trainer = make_trainer(
+        tokenizer, tmp_path, algorithm="trpo", max_kl=0.02, max_steps=1, rollout_batch_size=16, mini_batch_size=8
+    )
     captured = _capture_update(trainer)
     m = trainer.train()
     assert m["trpo/accepted"] == 1.0
@@ -219,8 +262,9 @@ def test_trpo_accepted_step_respects_the_trust_region_and_improves_the_surrogate
 
 
 def test_trpo_rejected_line_search_leaves_the_policy_unchanged(tokenizer, tmp_path):
-    trainer = make_trainer(tokenizer, tmp_path, algorithm="trpo", max_steps=1, line_search_steps=3,
-                           line_search_accept_ratio=1e9)  # no step can gain a billion times what was expected
+    trainer = make_trainer(
+        tokenizer, tmp_path, algorithm="trpo", max_steps=1, line_search_steps=3, line_search_accept_ratio=1e9
+    )  # no step can gain a billion times what was expected
     before = params(trainer.unwrapped_model)
     m = trainer.train()
     assert m["trpo/accepted"] == 0.0 and m["trpo/line_search_tries"] == 3
@@ -268,8 +312,16 @@ def test_replay_with_zero_staleness_equals_no_replay(tokenizer, tmp_path):
         trainer.unwrapped_model.load_state_dict(start)
         torch.manual_seed(0)
         adv = trainer.algorithm.compute_advantages(b, batch_scores, 0.05, trainer.accelerator)
-        trainer.algorithm.update(trainer.model, trainer.optimizer, trainer.scheduler, trainer.accelerator, b,
-                                 adv["advantages"], adv["returns"], 0.05)
+        trainer.algorithm.update(
+            trainer.model,
+            trainer.optimizer,
+            trainer.scheduler,
+            trainer.accelerator,
+            b,
+            adv["advantages"],
+            adv["returns"],
+            0.05,
+        )
         results.append(params(trainer.unwrapped_model))
     for k in start:
         torch.testing.assert_close(results[0][k], results[1][k], rtol=1e-4, atol=1e-6)
@@ -293,15 +345,28 @@ def test_replay_metrics_in_a_run(tokenizer, tmp_path):
 
 
 # ---- every algorithm learns the toy task ---------------------------------------------------------------------------
-@pytest.mark.parametrize("overrides", [
-    dict(algorithm="reinforce", advantage_estimator="returns", baseline="leave_one_out", num_samples_per_prompt=4),
-    dict(algorithm="reinforce", advantage_estimator="returns", baseline="value"),
-    dict(algorithm="ppo", kl_penalty="loss", kl_estimator="k3"),
-    dict(algorithm="trpo", max_kl=0.05),
-], ids=["reinforce-rloo", "reinforce-value", "ppo-kl-loss", "trpo"])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(algorithm="reinforce", advantage_estimator="returns", baseline="leave_one_out", num_samples_per_prompt=4),
+        dict(algorithm="reinforce", advantage_estimator="returns", baseline="value"),
+        dict(algorithm="ppo", kl_penalty="loss", kl_estimator="k3"),
+        dict(algorithm="trpo", max_kl=0.05),
+    ],
+    ids=["reinforce-rloo", "reinforce-value", "ppo-kl-loss", "trpo"],
+)
 def test_each_algorithm_raises_the_toy_reward(overrides, tokenizer, tmp_path):
-    trainer = make_trainer(tokenizer, tmp_path, max_steps=40, rollout_batch_size=32, mini_batch_size=16,
-                           ppo_epochs=4, max_new_tokens=8, reward=target_share(tokenizer), **overrides)
+    trainer = make_trainer(
+        tokenizer,
+        tmp_path,
+        max_steps=40,
+        rollout_batch_size=32,
+        mini_batch_size=16,
+        ppo_epochs=4,
+        max_new_tokens=8,
+        reward=target_share(tokenizer),
+        **overrides,
+    )
     trainer.train()
     scores = [r["objective/scores"] for r in trainer.log_history]
     start, end = sum(scores[:3]) / 3, sum(scores[-3:]) / 3
@@ -317,8 +382,15 @@ def test_min_p_reaches_generation(tokenizer, tmp_path):
 def test_resume_is_exact_with_replay_and_a_moving_average_baseline(tokenizer, tmp_path):
     from test_trainer import StopAt
 
-    kw = dict(max_steps=4, save_steps=2, algorithm="reinforce", advantage_estimator="returns",
-              baseline="moving_average", replay_buffer_size=16, replay_batch_size=4)
+    kw = dict(
+        max_steps=4,
+        save_steps=2,
+        algorithm="reinforce",
+        advantage_estimator="returns",
+        baseline="moving_average",
+        replay_buffer_size=16,
+        replay_batch_size=4,
+    )
     straight = make_trainer(tokenizer, tmp_path / "a", **kw)
     straight.train()
     interrupted = make_trainer(tokenizer, tmp_path / "b", **kw)
@@ -333,12 +405,15 @@ def test_resume_is_exact_with_replay_and_a_moving_average_baseline(tokenizer, tm
 
 
 # ---- one forward fewer when the update is one step over the whole batch -------------------------------------------
-@pytest.mark.parametrize("overrides", [
-    dict(algorithm="reinforce", advantage_estimator="returns", baseline="leave_one_out", num_samples_per_prompt=2),
-    dict(algorithm="ppo", ppo_epochs=1, ent_coef=0.01),
-], ids=["reinforce-rloo", "ppo-1-epoch"])
-def test_fused_policy_forward_gives_the_same_update_with_one_forward_fewer(overrides, tokenizer, tmp_path,
-                                                                           monkeypatch):
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(algorithm="reinforce", advantage_estimator="returns", baseline="leave_one_out", num_samples_per_prompt=2),
+        dict(algorithm="ppo", ppo_epochs=1, ent_coef=0.01),
+    ],
+    ids=["reinforce-rloo", "ppo-1-epoch"],
+)
+def test_fused_policy_forward_gives_the_same_update_with_one_forward_fewer(overrides, tokenizer, tmp_path, monkeypatch):
     """Same gradients and metrics with and without the separate no-grad forward (compared at the first optimizer
     step: Adam turns float noise in near-zero gradients into full-size steps, so later weights are not comparable)."""
     import hfpg.forward as forward_module  # every forward over a response goes through its sequence_forward
@@ -354,14 +429,16 @@ def test_fused_policy_forward_gives_the_same_update_with_one_forward_fewer(overr
     runs = {}
     for fuse in (True, False):
         calls["n"] = 0
-        trainer = make_trainer(tokenizer, tmp_path / str(fuse), max_steps=1, mini_batch_size=8,
-                               fuse_policy_forward=fuse, **overrides)
+        trainer = make_trainer(
+            tokenizer, tmp_path / str(fuse), max_steps=1, mini_batch_size=8, fuse_policy_forward=fuse, **overrides
+        )
         assert trainer.algorithm.fuses_policy_forward is fuse
         grads, step = {}, trainer.optimizer.step
 
         def capture(*args, _step=step, _trainer=trainer, _grads=grads, **kwargs):
-            _grads.update({n: p.grad.clone() for n, p in _trainer.unwrapped_model.named_parameters()
-                           if p.grad is not None})
+            _grads.update(
+                {n: p.grad.clone() for n, p in _trainer.unwrapped_model.named_parameters() if p.grad is not None}
+            )
             return _step(*args, **kwargs)
 
         trainer.optimizer.step = capture
@@ -381,8 +458,10 @@ def test_fused_policy_forward_gives_the_same_update_with_one_forward_fewer(overr
 def test_fused_policy_forward_only_when_exact(tokenizer, tmp_path):
     assert not make_trainer(tokenizer, tmp_path / "a", mini_batch_size=4, ppo_epochs=1).algorithm.fuses_policy_forward
     assert not make_trainer(tokenizer, tmp_path / "b", mini_batch_size=8, ppo_epochs=2).algorithm.fuses_policy_forward
-    assert not make_trainer(tokenizer, tmp_path / "c", mini_batch_size=8, ppo_epochs=1,
-                            gradient_accumulation_steps=2).algorithm.fuses_policy_forward
-    assert not make_trainer(tokenizer, tmp_path / "d", mini_batch_size=8, ppo_epochs=1,
-                            disable_dropout=False).algorithm.fuses_policy_forward
+    assert not make_trainer(
+        tokenizer, tmp_path / "c", mini_batch_size=8, ppo_epochs=1, gradient_accumulation_steps=2
+    ).algorithm.fuses_policy_forward
+    assert not make_trainer(
+        tokenizer, tmp_path / "d", mini_batch_size=8, ppo_epochs=1, disable_dropout=False
+    ).algorithm.fuses_policy_forward
     assert make_trainer(tokenizer, tmp_path / "e", mini_batch_size=8, ppo_epochs=1).algorithm.fuses_policy_forward

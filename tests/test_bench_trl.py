@@ -19,8 +19,15 @@ from conftest import tiny_gpt2  # noqa: E402
 
 
 def run(steps, tokens, peak, setup_rss=100.0, length=24.0, phases=None):
-    r = {"step_seconds": steps, "tokens_per_step": tokens, "peak_rss_mib": peak, "setup_rss_mib": setup_rss,
-         "completion_length_mean": length, "setup_seconds": 1.0, "versions": {"torch": "2.13.0"}}
+    r = {
+        "step_seconds": steps,
+        "tokens_per_step": tokens,
+        "peak_rss_mib": peak,
+        "setup_rss_mib": setup_rss,
+        "completion_length_mean": length,
+        "setup_seconds": 1.0,
+        "versions": {"torch": "2.13.0"},
+    }
     if phases is not None:
         r["phase_seconds"] = phases
     return r
@@ -30,13 +37,17 @@ def run(steps, tokens, peak, setup_rss=100.0, length=24.0, phases=None):
 def runs():
     return {
         # per-round medians: step 1.0 / 3.0 / 2.0 -> median 2.0; tokens/s 1000/1000=1000, 1000/3=333.3, 500 -> 500
-        "hfpg": [run([1.0, 0.5, 2.0], [1000, 1000, 1000], 500.0),
-                 run([3.0, 3.0, 4.0], [1000, 1000, 1000], 700.0),
-                 run([2.0], [1000], 600.0)],
+        "hfpg": [
+            run([1.0, 0.5, 2.0], [1000, 1000, 1000], 500.0),
+            run([3.0, 3.0, 4.0], [1000, 1000, 1000], 700.0),
+            run([2.0], [1000], 600.0),
+        ],
         # medians 5.0 / 4.0 / 4.5 -> 4.0 ... 5.0, median 4.5 (even counts average: [4, 5] -> 4.5)
-        "trl-rloo": [run([5.0, 6.0, 4.0], [1000] * 3, 800.0),
-                     run([4.0, 4.0], [1000, 1000], 900.0),
-                     run([4.5], [1000], 1000.0)],
+        "trl-rloo": [
+            run([5.0, 6.0, 4.0], [1000] * 3, 800.0),
+            run([4.0, 4.0], [1000, 1000], 900.0),
+            run([4.5], [1000], 1000.0),
+        ],
         "trl-grpo": [run([2.0], [1000], 550.0), run([4.0], [1000], 550.0), run([3.0], [1000], 560.0)],
     }
 
@@ -121,10 +132,31 @@ def test_hfpg_worker_writes_results(tmp_path, tokenizer, monkeypatch):
 
     out = tmp_path / "hfpg.json"
     threads = torch.get_num_threads()  # the worker sets it process-wide; keep the test session's value
-    assert bench_trl_hfpg_worker.main([
-        "--model-dir", str(tmp_path / "model"), "--prompts-file", str(tmp_path / "prompts.json"), "--prompts", "2",
-        "--samples-per-prompt", "2", "--max-new-tokens", "4", "--steps", "2", "--warmup", "1",
-        "--threads", str(threads), "--json", str(out)]) == 0
+    assert (
+        bench_trl_hfpg_worker.main(
+            [
+                "--model-dir",
+                str(tmp_path / "model"),
+                "--prompts-file",
+                str(tmp_path / "prompts.json"),
+                "--prompts",
+                "2",
+                "--samples-per-prompt",
+                "2",
+                "--max-new-tokens",
+                "4",
+                "--steps",
+                "2",
+                "--warmup",
+                "1",
+                "--threads",
+                str(threads),
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     r = json.loads(out.read_text())
     assert r["worker"] == "hfpg" and len(r["step_seconds"]) == 2 and len(r["warmup_step_seconds"]) == 1
     assert all(t > 0 for t in r["step_seconds"])

@@ -44,21 +44,45 @@ def test_unknown_keys_get_a_did_you_mean():
 
 def test_all_problems_are_reported_in_one_error():
     with pytest.raises(ConfigError) as err:
-        PGConfig.from_dict({"lerning_rate": 1, "gamma": 1.5, "mini_batch_size": 5, "kl_estimator": "k9",
-                            "ppo_epochs": "two", "top_p": 0})
+        PGConfig.from_dict(
+            {
+                "lerning_rate": 1,
+                "gamma": 1.5,
+                "mini_batch_size": 5,
+                "kl_estimator": "k9",
+                "ppo_epochs": "two",
+                "top_p": 0,
+            }
+        )
     msg = str(err.value)
-    for part in ("lerning_rate", "gamma=1.5 must lie in [0, 1]", "not a multiple of mini_batch_size=5",
-                 "kl_estimator='k9' is not one of ['k1', 'k2', 'k3']", "ppo_epochs='two' must be an integer",
-                 "top_p=0.0 must lie in (0, 1]"):
+    for part in (
+        "lerning_rate",
+        "gamma=1.5 must lie in [0, 1]",
+        "not a multiple of mini_batch_size=5",
+        "kl_estimator='k9' is not one of ['k1', 'k2', 'k3']",
+        "ppo_epochs='two' must be an integer",
+        "top_p=0.0 must lie in (0, 1]",
+    ):
         assert part in msg, part
     assert len(err.value.problems) == 6
 
 
-@pytest.mark.parametrize("bad", [
-    {"temperature": 0}, {"max_new_tokens": 0}, {"clip_range": -0.1}, {"lam": 2}, {"learning_rate": -1},
-    {"min_new_tokens": 40, "max_new_tokens": 8}, {"forward_batch_size": 0}, {"algorithm": "a2c"},
-    {"mixed_precision": "fp8"}, {"adaptive_kl": "yes"}, {"max_steps": 1.5},
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"temperature": 0},
+        {"max_new_tokens": 0},
+        {"clip_range": -0.1},
+        {"lam": 2},
+        {"learning_rate": -1},
+        {"min_new_tokens": 40, "max_new_tokens": 8},
+        {"forward_batch_size": 0},
+        {"algorithm": "a2c"},
+        {"mixed_precision": "fp8"},
+        {"adaptive_kl": "yes"},
+        {"max_steps": 1.5},
+    ],
+)
 def test_out_of_range_values_are_rejected(bad):
     with pytest.raises(ConfigError):
         PGConfig(**bad) if "adaptive_kl" not in bad and "max_steps" not in bad else PGConfig.from_dict(bad)
@@ -70,7 +94,7 @@ def test_batch_sizes_must_divide_over_processes_and_accumulation():
     cfg.check_for(num_processes=4)  # 8 = 4 processes × 2 micro-batches × 1
     with pytest.raises(ConfigError, match=r"multiple of num_processes \(3\) × gradient_accumulation_steps \(2\)"):
         cfg.check_for(num_processes=3)
-    with pytest.raises(ConfigError, match="pick e.g. mini_batch_size=5"):
+    with pytest.raises(ConfigError, match=r"pick e\.g\. mini_batch_size=5"):
         PGConfig(rollout_batch_size=10, mini_batch_size=6)
 
 

@@ -1,5 +1,5 @@
-"""A real 2-process run on CPU (torchrun + gloo): prompts are sharded, seeds differ per process (DESIGN.md detail 14),
-and DDP keeps the replicas identical after an update."""
+"""A real 2-process run on CPU (torchrun + gloo): prompts are sharded, seeds differ per process (docs/design.md,
+detail 14), and DDP keeps the replicas identical after an update."""
 
 from __future__ import annotations
 
@@ -18,8 +18,16 @@ SCRIPT = Path(__file__).parent / "scripts" / "two_process_step.py"
 def two_ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "true"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(SCRIPT), str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(SCRIPT),
+        str(out),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return [{**json.loads((out / f"rank{r}.json").read_text()), "out_dir": str(out)} for r in (0, 1)]
@@ -58,8 +66,17 @@ CHECKS = Path(__file__).parent / "scripts" / "multi_process_checks.py"
 def _torchrun(mode: str, out: Path) -> list[dict]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     env.pop("ACCELERATE_USE_CPU", None)  # plain torchrun on a CPU machine must form the group by itself
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(CHECKS), mode,
-           str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(CHECKS),
+        mode,
+        str(out),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return [json.loads((out / f"{mode}.rank{r}.json").read_text()) for r in (0, 1)]
@@ -142,23 +159,43 @@ def test_a_recipe_runs_under_torchrun_with_two_processes(tmp_path):
     tok.save_pretrained(tmp_path / "tiny")
     prompts = ["the cat", "a good day", "hello world", "policy gradient", "the dog", "good food", "tiny", "models"]
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
-    (tmp_path / "reward.py").write_text("def length(prompts, completions, **kw):\n"
-                                        "    return [len(c) / 10 for c in completions]\n")
+    (tmp_path / "reward.py").write_text(
+        "def length(prompts, completions, **kw):\n    return [len(c) / 10 for c in completions]\n"
+    )
     (tmp_path / "tiny.yaml").write_text(
         "model: {name_or_path: tiny}\ndata: {path: prompts.jsonl, eval_size: 4}\n"
         "rewards: [{name: reward.py:length, weight: 1.0}]\n"
         "output_dir: out\nmax_steps: 3\nrollout_batch_size: 8\nmini_batch_size: 4\nppo_epochs: 2\n"
-        "max_new_tokens: 6\nsave_steps: 2\nlearning_rate: 1.0e-3\n")
+        "max_new_tokens: 6\nsave_steps: 2\nlearning_rate: 1.0e-3\n"
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     env.pop("ACCELERATE_USE_CPU", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "hfpg",
-           "train", "tiny.yaml"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "hfpg",
+        "train",
+        "tiny.yaml",
+    ]
     proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.count("hfpg: run finished") == 1  # the summary comes from rank 0 only
     out = tmp_path / "out"
-    for name in ("config.yaml", "metrics.jsonl", "report.md", "eval.json", "final/model.safetensors",
-                 "final/value_head.safetensors", "final/README.md", "checkpoint-2/trainer_state.json"):
+    for name in (
+        "config.yaml",
+        "metrics.jsonl",
+        "report.md",
+        "eval.json",
+        "final/model.safetensors",
+        "final/value_head.safetensors",
+        "final/README.md",
+        "checkpoint-2/trainer_state.json",
+    ):
         assert (out / name).is_file(), name
     train_lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"objective/' in x]
     assert [r["step"] for r in train_lines] == [1, 2, 3]  # logged once per step, not once per process

@@ -18,26 +18,39 @@ from accelerate.utils import DistributedType
 from hfpg import PGConfig
 from hfpg.algorithms import build_algorithm
 from hfpg.config import ConfigError
-from hfpg.distributed import (accelerator_kwargs, check_backend, check_launch, configure_deepspeed, full_weights,
-                              sharding)
+from hfpg.distributed import (
+    accelerator_kwargs,
+    check_backend,
+    check_launch,
+    configure_deepspeed,
+    full_weights,
+    sharding,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = Path(__file__).parent / "scripts"
 
 
-def fake_accelerator(kind: str, zero_stage: int = 3, fsdp_version: int = 2, ds_config: dict | None = None,
-                     num_processes: int = 2):
-    state = SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=zero_stage, deepspeed_config=ds_config or {}),
-                            fsdp_plugin=SimpleNamespace(fsdp_version=fsdp_version, reshard_after_forward=True))
-    dtype = {"deepspeed": DistributedType.DEEPSPEED, "fsdp": DistributedType.FSDP,
-             "ddp": DistributedType.MULTI_GPU}[kind]
-    return SimpleNamespace(distributed_type=dtype, state=state, num_processes=num_processes,
-                           unwrap_model=lambda m: getattr(m, "module", m))
+def fake_accelerator(
+    kind: str, zero_stage: int = 3, fsdp_version: int = 2, ds_config: dict | None = None, num_processes: int = 2
+):
+    state = SimpleNamespace(
+        deepspeed_plugin=SimpleNamespace(zero_stage=zero_stage, deepspeed_config=ds_config or {}),
+        fsdp_plugin=SimpleNamespace(fsdp_version=fsdp_version, reshard_after_forward=True),
+    )
+    dtype = {"deepspeed": DistributedType.DEEPSPEED, "fsdp": DistributedType.FSDP, "ddp": DistributedType.MULTI_GPU}[
+        kind
+    ]
+    return SimpleNamespace(
+        distributed_type=dtype, state=state, num_processes=num_processes, unwrap_model=lambda m: getattr(m, "module", m)
+    )
 
 
 # ---- recipes/accelerate ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name,kind", [("ddp", "MULTI_GPU"), ("deepspeed_zero2", "DEEPSPEED"),
-                                       ("deepspeed_zero3", "DEEPSPEED"), ("fsdp", "FSDP")])
+@pytest.mark.parametrize(
+    "name,kind",
+    [("ddp", "MULTI_GPU"), ("deepspeed_zero2", "DEEPSPEED"), ("deepspeed_zero3", "DEEPSPEED"), ("fsdp", "FSDP")],
+)
 def test_accelerate_configs_parse_with_accelerates_own_loader(name, kind):
     from accelerate.commands.config.config_args import load_config_from_file
 
@@ -63,8 +76,12 @@ def test_configure_deepspeed_fills_the_batch_keys_from_the_hfpg_config():
     ds = {"train_micro_batch_size_per_gpu": "auto"}
     configure_deepspeed(fake_accelerator("deepspeed", ds_config=ds), cfg)
     # 16 sequences per optimizer step = 2 processes × 2 micro-batches × 4
-    assert ds == {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2, "train_batch_size": 16,
-                  "gradient_clipping": 0.5}
+    assert ds == {
+        "train_micro_batch_size_per_gpu": 4,
+        "gradient_accumulation_steps": 2,
+        "train_batch_size": 16,
+        "gradient_clipping": 0.5,
+    }
 
 
 def test_configure_deepspeed_refuses_a_conflicting_explicit_value():
@@ -78,9 +95,14 @@ def test_configure_deepspeed_leaves_other_backends_alone():
     configure_deepspeed(fake_accelerator("ddp"), PGConfig())  # no plugin config is touched (would KeyError)
 
 
-@pytest.mark.parametrize("kind,kw,algorithm,message", [
-    ("deepspeed", {"zero_stage": 2}, "trpo", "algorithm=trpo"), ("fsdp", {}, "trpo", "algorithm=trpo"),
-    ("fsdp", {"fsdp_version": 1}, "ppo", "FSDP1")])
+@pytest.mark.parametrize(
+    "kind,kw,algorithm,message",
+    [
+        ("deepspeed", {"zero_stage": 2}, "trpo", "algorithm=trpo"),
+        ("fsdp", {}, "trpo", "algorithm=trpo"),
+        ("fsdp", {"fsdp_version": 1}, "ppo", "FSDP1"),
+    ],
+)
 def test_unsupported_combinations_are_refused_with_the_reason(kind, kw, algorithm, message):
     with pytest.raises(ConfigError, match=message):
         check_backend(fake_accelerator(kind, **kw), build_algorithm(PGConfig(algorithm=algorithm)))
@@ -144,8 +166,16 @@ def test_python_dash_m_hfpg_is_the_cli():
 # ---- real sharded policies on CPU (2 processes, gloo) --------------------------------------------------------------
 def _torchrun(script: Path, out: Path, extra_env: dict | None = None) -> list[dict]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(extra_env or {})}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-           str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(script),
+        str(out),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     prefix = script.stem.split("_")[0]

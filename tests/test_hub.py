@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import re
+from pathlib import Path
 from types import SimpleNamespace
 
 import httpx2
@@ -22,8 +23,9 @@ from test_trainer import length_reward, make_trainer
 from transformers import AutoModelForCausalLM
 
 from hfpg import AutoModelForCausalLMWithValueHead, CombinedReward, HubError, PGConfig
+from hfpg.cards import final_metrics
 from hfpg.cli import main
-from hfpg.hub import final_metrics, push_model_folder
+from hfpg.hub import push_model_folder
 
 SECRET = "hf_SECRETtoken1234567890abcdef"
 
@@ -38,7 +40,7 @@ def snapshot(folder) -> dict[str, str]:
     for root, _, files in os.walk(folder):
         for name in files:
             path = os.path.join(root, name)
-            out[os.path.relpath(path, folder)] = hashlib.sha256(open(path, "rb").read()).hexdigest()
+            out[os.path.relpath(path, folder)] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
     return out
 
 
@@ -49,8 +51,9 @@ def run(tokenizer, tmp_path):
     tiny_gpt2(tokenizer).save_pretrained(base)
     tokenizer.save_pretrained(base)
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], lora_dropout=0.0, task_type="CAUSAL_LM")
-    model = AutoModelForCausalLMWithValueHead.from_pretrained(AutoModelForCausalLM.from_pretrained(base),
-                                                              peft_config=lora)
+    model = AutoModelForCausalLMWithValueHead.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base), peft_config=lora
+    )
     reward = CombinedReward({length_reward: 1.0, shorter: 0.5})
     trainer = make_trainer(tokenizer, tmp_path, model=model, reward=reward, learning_rate=5e-2)
     trainer.model_card_data.update(base_model="openai-community/gpt2", datasets=["stanfordnlp/imdb"])
@@ -138,8 +141,10 @@ def test_full_model_card_and_hub_id_guess(tokenizer, tmp_path):
 
 
 def test_final_metrics_takes_the_last_value_of_each_and_drops_non_finite():
-    history = [{"step": 1, "objective/kl": 1.0, "eval/scores": 0.123456},
-               {"step": 2, "objective/kl": 2.0, "reward/a/mean": float("nan"), "reward/b/mean": 3.0}]
+    history = [
+        {"step": 1, "objective/kl": 1.0, "eval/scores": 0.123456},
+        {"step": 2, "objective/kl": 2.0, "reward/a/mean": float("nan"), "reward/b/mean": 3.0},
+    ]
     assert final_metrics(history) == {"eval/scores": 0.1235, "objective/kl": 2.0, "reward/b/mean": 3.0}
 
 
@@ -151,18 +156,35 @@ def test_trainer_push_uploads_the_saved_folder_with_card_and_hub_adapter_config(
     assert url == "https://huggingface.co/me/tiny-ppo/commit/abc123"
     assert [c[0] for c in fake_hub.calls] == ["create_repo", "create_branch", "create_commit"]
     assert fake_hub.calls[0][:3] == ("create_repo", "me/tiny-ppo", True)
-    assert fake_hub.calls[1][2] == "exp" and fake_hub.commit == {"message": "first push", "revision": "exp",
-                                                                   "create_pr": False}
-    tokenizer_files = set(os.listdir(folder)) - {"adapter_config.json", "adapter_model.safetensors",
-                                                 "value_head.safetensors", "hfpg_config.yaml", "README.md"}
+    assert fake_hub.calls[1][2] == "exp" and fake_hub.commit == {
+        "message": "first push",
+        "revision": "exp",
+        "create_pr": False,
+    }
+    tokenizer_files = set(os.listdir(folder)) - {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "value_head.safetensors",
+        "hfpg_config.yaml",
+        "README.md",
+    }
     assert "tokenizer_config.json" in tokenizer_files
-    assert set(fake_hub.files) == {"adapter_config.json", "adapter_model.safetensors", "value_head.safetensors",
-                                   "hfpg_config.yaml", "README.md"} | tokenizer_files
+    assert (
+        set(fake_hub.files)
+        == {
+            "adapter_config.json",
+            "adapter_model.safetensors",
+            "value_head.safetensors",
+            "hfpg_config.yaml",
+            "README.md",
+        }
+        | tokenizer_files
+    )
     for name in ("adapter_model.safetensors", "value_head.safetensors", "hfpg_config.yaml"):
-        assert fake_hub.files[name] == open(os.path.join(folder, name), "rb").read()
+        assert fake_hub.files[name] == Path(folder, name).read_bytes()
     # the pushed adapter points at the Hub base; the local one keeps the local path that works here
     assert json.loads(fake_hub.files["adapter_config.json"])["base_model_name_or_path"] == "openai-community/gpt2"
-    local = json.load(open(os.path.join(folder, "adapter_config.json")))["base_model_name_or_path"]
+    local = json.loads(Path(folder, "adapter_config.json").read_text())["base_model_name_or_path"]
     assert local.endswith("base")
     card = fake_hub.card()
     assert 'from_pretrained("me/tiny-ppo")' in card.text and card.data.base_model == "openai-community/gpt2"
@@ -187,8 +209,14 @@ def test_cli_push_merge_uploads_a_full_model_that_plain_transformers_loads(run, 
     assert main(["push", run.config.output_dir, "me/tiny-ppo-merged", "--merge"]) == 0
     assert snapshot(run.config.output_dir) == before
     files = set(fake_hub.files)
-    assert {"config.json", "model.safetensors", "value_head.safetensors", "hfpg_config.yaml", "README.md",
-            "tokenizer_config.json"} <= files
+    assert {
+        "config.json",
+        "model.safetensors",
+        "value_head.safetensors",
+        "hfpg_config.yaml",
+        "README.md",
+        "tokenizer_config.json",
+    } <= files
     assert not any(f.startswith("adapter_") for f in files)
     meta = fake_hub.card().data.to_dict()
     assert meta["library_name"] == "transformers" and "lora" not in meta["tags"]
@@ -229,13 +257,17 @@ def network_down(request):
     raise httpx2.ConnectError("[Errno -2] Name or service not known", request=request)
 
 
-@pytest.mark.parametrize("handler, expected", [
-    (answer(401), "rejected the token (401"),
-    (answer(403), "permission denied (403"),
-    (answer(404, {"X-Error-Code": "RepoNotFound"}), "repository not found (404)"),
-    (answer(503), "HTTP 503"),
-    (network_down, "cannot be reached (ConnectError"),
-], ids=["401", "403", "404", "503", "network-down"])
+@pytest.mark.parametrize(
+    "handler, expected",
+    [
+        (answer(401), "rejected the token (401"),
+        (answer(403), "permission denied (403"),
+        (answer(404, {"X-Error-Code": "RepoNotFound"}), "repository not found (404)"),
+        (answer(503), "HTTP 503"),
+        (network_down, "cannot be reached (ConnectError"),
+    ],
+    ids=["401", "403", "404", "503", "network-down"],
+)
 def test_refused_or_unreachable_hub_says_why_and_leaves_the_run_intact(run, http, handler, expected, capsys, caplog):
     caplog.set_level(logging.DEBUG)
     http["handler"] = handler
@@ -256,7 +288,7 @@ def test_missing_token_offline_mode_and_bad_repo_id_fail_before_any_request(run,
     http["handler"] = answer(200)
     monkeypatch.delenv("HF_TOKEN")
     monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
-    with pytest.raises(HubError, match="no Hugging Face token found.*hf auth login"):
+    with pytest.raises(HubError, match=r"no Hugging Face token found.*hf auth login"):
         push_model_folder(run.config.output_dir, "me/tiny-ppo")
     with pytest.raises(HubError, match="not a Hub repo id"):
         push_model_folder(run.config.output_dir, "me/tiny ppo", token=SECRET)

@@ -215,7 +215,11 @@ def test_rouge_split_summaries(monkeypatch):
 # references: plain strings, other columns, errors
 # --------------------------------------------------------------------------------------------------------------
 ALL_REWARDS = [
-    BLEUReward, ChrFReward, lambda **k: ChrFReward(word_order=2, **k), TERReward, ROUGEReward,
+    BLEUReward,
+    ChrFReward,
+    lambda **k: ChrFReward(word_order=2, **k),
+    TERReward,
+    ROUGEReward,
     lambda **k: ROUGEReward(rouge_type="rouge2", measure="recall", **k),
 ]
 
@@ -249,28 +253,31 @@ def test_empty_batch():
 # --------------------------------------------------------------------------------------------------------------
 # constructor validation
 # --------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("make, match", [
-    (lambda: BLEUReward(smooth_method="laplace"), "smooth_method"),
-    (lambda: BLEUReward(smooth_value=-1), "smooth_value"),
-    (lambda: BLEUReward(tokenize="spacy"), "tokenize"),
-    (lambda: BLEUReward(scale=0), "scale"),
-    (lambda: BLEUReward(scale=-0.01), "scale"),
-    (lambda: BLEUReward(scale=float("nan")), "scale"),
-    (lambda: BLEUReward(references_column=""), "references_column"),
-    (lambda: ChrFReward(char_order=-1), "char_order"),
-    (lambda: ChrFReward(word_order=1.5), "word_order"),
-    (lambda: ChrFReward(char_order=0, word_order=0), "char_order \\+ word_order"),
-    (lambda: ChrFReward(beta=-1), "beta"),
-    (lambda: ChrFReward(scale=0), "scale"),
-    (lambda: TERReward(scale=-1), "scale"),
-    (lambda: TERReward(references_column=None), "references_column"),
-    (lambda: ROUGEReward(rouge_type="rougeW"), "rouge_type"),
-    (lambda: ROUGEReward(rouge_type="rouge0"), "rouge_type"),
-    (lambda: ROUGEReward(measure="f1"), "measure"),
-    (lambda: ROUGEReward(tokenizer=str.split), "tokenize"),
-    (lambda: EvaluateMetricReward(FakeMetric(), scale=0), "scale"),
-    (lambda: EvaluateMetricReward(FakeMetric(), compute_kwargs=[1]), "compute_kwargs"),
-])
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: BLEUReward(smooth_method="laplace"), "smooth_method"),
+        (lambda: BLEUReward(smooth_value=-1), "smooth_value"),
+        (lambda: BLEUReward(tokenize="spacy"), "tokenize"),
+        (lambda: BLEUReward(scale=0), "scale"),
+        (lambda: BLEUReward(scale=-0.01), "scale"),
+        (lambda: BLEUReward(scale=float("nan")), "scale"),
+        (lambda: BLEUReward(references_column=""), "references_column"),
+        (lambda: ChrFReward(char_order=-1), "char_order"),
+        (lambda: ChrFReward(word_order=1.5), "word_order"),
+        (lambda: ChrFReward(char_order=0, word_order=0), "char_order \\+ word_order"),
+        (lambda: ChrFReward(beta=-1), "beta"),
+        (lambda: ChrFReward(scale=0), "scale"),
+        (lambda: TERReward(scale=-1), "scale"),
+        (lambda: TERReward(references_column=None), "references_column"),
+        (lambda: ROUGEReward(rouge_type="rougeW"), "rouge_type"),
+        (lambda: ROUGEReward(rouge_type="rouge0"), "rouge_type"),
+        (lambda: ROUGEReward(measure="f1"), "measure"),
+        (lambda: ROUGEReward(tokenizer=str.split), "tokenize"),
+        (lambda: EvaluateMetricReward(FakeMetric(), scale=0), "scale"),
+        (lambda: EvaluateMetricReward(FakeMetric(), compute_kwargs=[1]), "compute_kwargs"),
+    ],
+)
 def test_constructor_validation(make, match):
     with pytest.raises(ValueError, match=match):
         make()

@@ -58,16 +58,32 @@ def manual_rm(model, enc):
 
 def gpt2_classifier(tok, num_labels=1, seed=0, **overrides):
     torch.manual_seed(seed)
-    cfg = {"vocab_size": len(tok), "n_positions": 64, "n_embd": 32, "n_layer": 2, "n_head": 2, "num_labels": num_labels,
-           "pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id, "bos_token_id": tok.eos_token_id}
+    cfg = {
+        "vocab_size": len(tok),
+        "n_positions": 64,
+        "n_embd": 32,
+        "n_layer": 2,
+        "n_head": 2,
+        "num_labels": num_labels,
+        "pad_token_id": tok.pad_token_id,
+        "eos_token_id": tok.eos_token_id,
+        "bos_token_id": tok.eos_token_id,
+    }
     return GPT2ForSequenceClassification(GPT2Config(**{**cfg, **overrides})).eval()
 
 
 def bert_classifier(tok, num_labels=1, seed=0, **overrides):
     torch.manual_seed(seed)
-    cfg = {"vocab_size": len(tok), "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
-           "intermediate_size": 64, "max_position_embeddings": 64, "num_labels": num_labels,
-           "pad_token_id": tok.pad_token_id}
+    cfg = {
+        "vocab_size": len(tok),
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "intermediate_size": 64,
+        "max_position_embeddings": 64,
+        "num_labels": num_labels,
+        "pad_token_id": tok.pad_token_id,
+    }
     return BertForSequenceClassification(BertConfig(**{**cfg, **overrides})).eval()
 
 
@@ -137,8 +153,11 @@ def test_lm_likelihood_empty_completion_is_logp_of_eos(tokenizer, prompt):
     with torch.no_grad():
         logits = model(torch.tensor([ctx])).logits[0, -1]
     logp_eos = torch.log_softmax(logits.float(), -1)[tokenizer.eos_token_id].item()
-    for output, expected in [("mean_logprob", logp_eos), ("sum_logprob", logp_eos),
-                             ("neg_perplexity", -math.exp(-logp_eos))]:
+    for output, expected in [
+        ("mean_logprob", logp_eos),
+        ("sum_logprob", logp_eos),
+        ("neg_perplexity", -math.exp(-logp_eos)),
+    ]:
         score = LMLikelihoodReward(model, tokenizer=tokenizer, output=output)([prompt], [""])[0]
         assert score == pytest.approx(expected, rel=1e-5)
 
@@ -151,8 +170,10 @@ def test_lm_likelihood_truncation_keeps_completion(tokenizer):
     short_ids, long_ids = (tokenizer(c, add_special_tokens=False).input_ids for c in (short, long))
     assert len(prompt_ids) > 12 and len(long_ids) > 12 and len(short_ids) == 1
     reward = LMLikelihoodReward(model, tokenizer=tokenizer, output="sum_logprob")
-    expected = [manual_lm_ids(model, prompt_ids[-11:], short_ids)[0],  # context cut from the left
-                manual_lm_ids(model, prompt_ids[-1:], long_ids[:11])[0]]  # 1 context token, completion cut right
+    expected = [
+        manual_lm_ids(model, prompt_ids[-11:], short_ids)[0],  # context cut from the left
+        manual_lm_ids(model, prompt_ids[-1:], long_ids[:11])[0],
+    ]  # 1 context token, completion cut right
     assert reward([prompt, prompt], [short, long]) == pytest.approx(expected, rel=1e-5)
     tiny = LMLikelihoodReward(model, tokenizer=tokenizer, output="sum_logprob", max_length=4)([prompt], [short])
     assert tiny == pytest.approx([manual_lm_ids(model, prompt_ids[-3:], short_ids)[0]], rel=1e-5)
@@ -221,8 +242,9 @@ def test_reward_model_logit_matches_manual(tokenizer, input_format):
     expected = [manual_rm(model, {"input_ids": tokenizer(t).input_ids})[0].item() for t in texts]
     scores = reward(prompts, completions)
     assert scores == pytest.approx(expected, rel=1e-5, abs=1e-5)
-    assert RewardModelReward(model, tokenizer=tokenizer, input_format=input_format)(prompts, completions) == \
-        pytest.approx(scores, rel=1e-5, abs=1e-6)
+    assert RewardModelReward(model, tokenizer=tokenizer, input_format=input_format)(
+        prompts, completions
+    ) == pytest.approx(scores, rel=1e-5, abs=1e-6)
 
 
 def test_reward_model_tokenizer_without_pad_token_uses_eos():
@@ -264,7 +286,7 @@ def test_reward_model_label_outputs(tokenizer, label):
 
 def test_reward_model_label_errors(tokenizer):
     model = three_labels(gpt2_classifier(tokenizer, num_labels=3))
-    with pytest.raises(ValueError, match="num_labels=3.*label_logit.*label_prob"):
+    with pytest.raises(ValueError, match=r"num_labels=3.*label_logit.*label_prob"):
         RewardModelReward(model, tokenizer=tokenizer)
     with pytest.raises(ValueError, match=r"unknown label 'happy'.*'neg', 'neu', 'pos'"):
         RewardModelReward(model, tokenizer=tokenizer, output="label_prob", label="happy")
@@ -296,8 +318,9 @@ def test_reward_model_chat_format(tokenizer):
     reward = RewardModelReward(model, tokenizer=tokenizer, input_format="chat", batch_size=2)
     expected = []
     for p, c in zip(PROMPTS, COMPLETIONS):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": p}, {"role": "assistant", "content": c}],
-                                             tokenize=False)
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": p}, {"role": "assistant", "content": c}], tokenize=False
+        )
         assert text.startswith("<user> ")
         expected.append(manual_rm(model, {"input_ids": tokenizer(text, add_special_tokens=False).input_ids})[0].item())
     assert reward(PROMPTS, COMPLETIONS) == pytest.approx(expected, rel=1e-5, abs=1e-5)
@@ -322,8 +345,16 @@ def test_reward_model_truncates_from_the_left(tokenizer):
 
 # ---- normalisation (detail 16) -------------------------------------------------------------------------------------
 REF_PROMPTS = ["the cat", "a good day", "hello", "policy", "the dog", "good food", "reinforcement", "tiny"]
-REF_COMPLETIONS = [" sat on the mat", " with friends", " world", " gradient", " sat on the log", " and good friends",
-                   " learning", " corpus"]
+REF_COMPLETIONS = [
+    " sat on the mat",
+    " with friends",
+    " world",
+    " gradient",
+    " sat on the log",
+    " and good friends",
+    " learning",
+    " corpus",
+]
 
 
 def test_fit_normalization_standardises_reference_samples(tokenizer):
@@ -349,7 +380,8 @@ def test_fit_normalization_standardises_reference_samples(tokenizer):
     gathered.setup(device="cpu", gather=lambda t: torch.cat([t, t + 1.0]))
     both = torch.cat([raw_ref, raw_ref + 1.0])
     assert gathered.fit_normalization(REF_PROMPTS, REF_COMPLETIONS) == pytest.approx(
-        {"mean": both.mean().item(), "std": both.std().item(), "n": 16})
+        {"mean": both.mean().item(), "std": both.std().item(), "n": 16}
+    )
 
 
 def test_saved_normalization_is_picked_up_from_the_model_directory(tokenizer, tmp_path):
@@ -392,4 +424,3 @@ def test_mismatched_lengths_raise(tokenizer):
 
     with pytest.raises(RewardError, match="2 prompts for 1 completions"):
         LMLikelihoodReward(tiny_gpt2(tokenizer), tokenizer=tokenizer)(["a", "b"], ["c"])
-

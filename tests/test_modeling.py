@@ -82,8 +82,10 @@ def test_generate_delegates_to_the_wrapped_model(tokenizer):
     model = AutoModelForCausalLMWithValueHead(base)
     ids, mask = _batch(tokenizer, ["the cat"])
     kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    assert torch.equal(model.generate(input_ids=ids, attention_mask=mask, **kw),
-                       base.generate(input_ids=ids, attention_mask=mask, **kw))
+    assert torch.equal(
+        model.generate(input_ids=ids, attention_mask=mask, **kw),
+        base.generate(input_ids=ids, attention_mask=mask, **kw),
+    )
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(tokenizer):
@@ -122,8 +124,9 @@ def test_peft_policy_uses_its_base_as_reference(tokenizer):
     base = tiny_gpt2(tokenizer)
     ids, mask = _batch(tokenizer)
     base_logits = base(ids, attention_mask=mask).logits.detach()
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], lora_dropout=0.0, task_type="CAUSAL_LM",
-                      init_lora_weights=False)  # non-zero B so the adapter changes the outputs
+    lora = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["c_attn"], lora_dropout=0.0, task_type="CAUSAL_LM", init_lora_weights=False
+    )  # non-zero B so the adapter changes the outputs
     model = AutoModelForCausalLMWithValueHead.from_pretrained(base, peft_config=lora)
     assert model.is_peft_model
     assert create_reference_model(model) is None  # no second copy of the base weights

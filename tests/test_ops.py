@@ -1,4 +1,4 @@
-"""Unit tests for the pure tensor maths in :mod:`hfpg.ops` (DESIGN.md, "PPO / RLHF implementation details").
+"""Unit tests for the pure tensor maths in :mod:`hfpg.ops` (docs/design.md, "PPO / RLHF implementation details").
 
 Every expected value is written by hand or computed with an independent plain-Python loop in the test itself.
 """
@@ -85,8 +85,7 @@ def test_logprobs_from_logits_hand_values():
     labels = torch.tensor([[2, 0]])
     assert_close(ops.logprobs_from_logits(logits, labels), torch.tensor([[math.log(0.5), math.log(1 / 6)]]))
     assert_close(
-        ops.logprobs_from_logits(logits, labels, temperature=0.5),
-        torch.tensor([[math.log(9 / 14), math.log(1 / 14)]]),
+        ops.logprobs_from_logits(logits, labels, temperature=0.5), torch.tensor([[math.log(9 / 14), math.log(1 / 14)]])
     )
 
 
@@ -342,7 +341,8 @@ def _brute_gae(rewards, values, lengths, gamma, lam, T=5):
     """A_t = Σ_l (γλ)^l δ_{t+l}, δ_t = r_t + γ V_{t+1} - V_t with V = 0 after the last real token."""
     adv = []
     for r, v, n in zip(rewards, values, lengths):
-        def delta(t):
+
+        def delta(t, r=r, v=v, n=n):
             v_next = v[t + 1] if t + 1 < n else 0.0
             return r[t] + gamma * v_next - v[t]
 

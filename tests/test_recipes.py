@@ -21,10 +21,19 @@ from hfpg.schema import apply_overrides
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "recipes" / "configs"
 RECIPES = sorted(p.stem for p in CONFIGS.glob("*.yaml"))
-CHAT = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
-        "{% if add_generation_prompt %}<|assistant|>{% endif %}")
-SMALL = ["max_steps=2", "rollout_batch_size=4", "mini_batch_size=2", "max_new_tokens=6", "min_new_tokens=0",
-         "report.samples_every=1", "report.num_samples=2"]
+CHAT = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+SMALL = [
+    "max_steps=2",
+    "rollout_batch_size=4",
+    "mini_batch_size=2",
+    "max_new_tokens=6",
+    "min_new_tokens=0",
+    "report.samples_every=1",
+    "report.num_samples=2",
+]
 
 
 @pytest.fixture(scope="module")
@@ -42,49 +51,113 @@ def stand_ins(tmp_path_factory):
     tok.chat_template = CHAT
     tok.save_pretrained(llama)
     torch.manual_seed(0)
-    clf = GPT2ForSequenceClassification(GPT2Config(
-        vocab_size=len(tok), n_positions=128, n_embd=32, n_layer=1, n_head=2, num_labels=2,
-        pad_token_id=tok.pad_token_id, id2label={0: "NEGATIVE", 1: "POSITIVE"},
-        label2id={"NEGATIVE": 0, "POSITIVE": 1}))
+    clf = GPT2ForSequenceClassification(
+        GPT2Config(
+            vocab_size=len(tok),
+            n_positions=128,
+            n_embd=32,
+            n_layer=1,
+            n_head=2,
+            num_labels=2,
+            pad_token_id=tok.pad_token_id,
+            id2label={0: "NEGATIVE", 1: "POSITIVE"},
+            label2id={"NEGATIVE": 0, "POSITIVE": 1},
+        )
+    )
     clf.save_pretrained(root / "classifier")
     make_tokenizer().save_pretrained(root / "classifier")
     torch.manual_seed(0)
-    rm = GPT2ForSequenceClassification(GPT2Config(  # a one-output reward model, as `hfpg train-rm` writes
-        vocab_size=len(tok), n_positions=128, n_embd=32, n_layer=1, n_head=2, num_labels=1,
-        pad_token_id=tok.pad_token_id))
+    rm = GPT2ForSequenceClassification(
+        GPT2Config(  # a one-output reward model, as `hfpg train-rm` writes
+            vocab_size=len(tok),
+            n_positions=128,
+            n_embd=32,
+            n_layer=1,
+            n_head=2,
+            num_labels=1,
+            pad_token_id=tok.pad_token_id,
+        )
+    )
     rm.save_pretrained(root / "reward_model")
     make_tokenizer().save_pretrained(root / "reward_model")
-    words = "the cat sat on the mat and a good day with good food for the dog".split()
+    words = [
+        "the",
+        "cat",
+        "sat",
+        "on",
+        "the",
+        "mat",
+        "and",
+        "a",
+        "good",
+        "day",
+        "with",
+        "good",
+        "food",
+        "for",
+        "the",
+        "dog",
+    ]
     with open(root / "reviews.jsonl", "w") as f:
         for i in range(24):
             f.write(json.dumps({"text": " ".join(words[i % 5 : i % 5 + 9]), "label": i % 2}) + "\n")
     for split in ("train", "validation"):
         with open(root / f"dialogs_{split}.jsonl", "w") as f:
             for i in range(12):
-                f.write(json.dumps({"dialogue": f"#A#: hello world {words[i]}\n#B#: the cat sat",
-                                    "summary": f"A says hello about the {words[i]}", "topic": "t"}) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "dialogue": f"#A#: hello world {words[i]}\n#B#: the cat sat",
+                            "summary": f"A says hello about the {words[i]}",
+                            "topic": "t",
+                        }
+                    )
+                    + "\n"
+                )
     return root
 
 
 def overrides_for(name: str, root: Path, out: Path) -> list[str]:
     common = [*SMALL, f"output_dir={out}", "data.path=json", "data.name=null"]
     if name == "ppo_smollm2_sentiment":
-        return common + [f"model.name_or_path={root / 'llama'}", "model.gguf_file=null",
-                         "data.eval_size=4", f"rewards.1.kwargs.model={root / 'llama'}",
-                         "rewards.1.kwargs.model_kwargs=null"]
+        return [
+            *common,
+            f"model.name_or_path={root / 'llama'}",
+            "model.gguf_file=null",
+            "data.eval_size=4",
+            f"rewards.1.kwargs.model={root / 'llama'}",
+            "rewards.1.kwargs.model_kwargs=null",
+        ]
     if name == "ppo_smollm2_reward_model":
-        return common + [f"model.name_or_path={root / 'llama'}", "model.gguf_file=null",
-                         "data.eval_size=4", f"rewards.0.kwargs.model={root / 'reward_model'}",
-                         f"rewards.2.kwargs.model={root / 'llama'}", "rewards.2.kwargs.model_kwargs=null"]
+        return [
+            *common,
+            f"model.name_or_path={root / 'llama'}",
+            "model.gguf_file=null",
+            "data.eval_size=4",
+            f"rewards.0.kwargs.model={root / 'reward_model'}",
+            f"rewards.2.kwargs.model={root / 'llama'}",
+            "rewards.2.kwargs.model_kwargs=null",
+        ]
     if name == "ppo_gpt2_sentiment":
-        return common + [f"model.name_or_path={root / 'gpt2'}", f"data.data_files={root / 'reviews.jsonl'}",
-                         "data.eval_size=4", "data.max_train_samples=16",
-                         f"rewards.0.kwargs.model={root / 'classifier'}",
-                         "adaptive_kl=false"]
+        return [
+            *common,
+            f"model.name_or_path={root / 'gpt2'}",
+            f"data.data_files={root / 'reviews.jsonl'}",
+            "data.eval_size=4",
+            "data.max_train_samples=16",
+            f"rewards.0.kwargs.model={root / 'classifier'}",
+            "adaptive_kl=false",
+        ]
     if name == "ppo_gpt2_summarize_rouge":
         files = {"train": str(root / "dialogs_train.jsonl"), "validation": str(root / "dialogs_validation.jsonl")}
-        return common + [f"model.name_or_path={root / 'gpt2'}", f"data.data_files={json.dumps(files)}",
-                         "data.max_eval_samples=4", "stop_token_ids=null", "max_prompt_length=64"]
+        return [
+            *common,
+            f"model.name_or_path={root / 'gpt2'}",
+            f"data.data_files={json.dumps(files)}",
+            "data.max_eval_samples=4",
+            "stop_token_ids=null",
+            "max_prompt_length=64",
+        ]
     raise AssertionError(f"no stand-ins for recipe {name}: add them here")
 
 
@@ -102,8 +175,15 @@ def test_recipe_runs_on_tiny_stand_ins(name, stand_ins, tmp_path, capsys):
     assert main(["train", str(CONFIGS / f"{name}.yaml"), *overrides_for(name, stand_ins, out)]) == 0
     printed = capsys.readouterr().out
     assert "report" in printed and str(out / "report.md") in printed
-    for item in ("config.yaml", "metrics.jsonl", "samples.jsonl", "reward_kl.png", "report.md", "eval.json",
-                 "final/value_head.safetensors"):
+    for item in (
+        "config.yaml",
+        "metrics.jsonl",
+        "samples.jsonl",
+        "reward_kl.png",
+        "report.md",
+        "eval.json",
+        "final/value_head.safetensors",
+    ):
         assert (out / item).is_file(), item
     assert list((out / "runs").rglob("events.out.tfevents.*"))
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -127,8 +207,18 @@ def test_recipe_pushes_its_final_model_with_a_card_naming_the_hub_base(stand_ins
     monkeypatch.setenv("HF_TOKEN", "hf_not_a_real_token")
     hub = FakeHub().install(monkeypatch)
     name, out = "ppo_smollm2_sentiment", tmp_path / "run"
-    assert main(["train", str(CONFIGS / f"{name}.yaml"), *overrides_for(name, stand_ins, out), "push_to_hub=true",
-                 "hub_model_id=me/smol-positive"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                str(CONFIGS / f"{name}.yaml"),
+                *overrides_for(name, stand_ins, out),
+                "push_to_hub=true",
+                "hub_model_id=me/smol-positive",
+            ]
+        )
+        == 0
+    )
     assert "https://huggingface.co/me/smol-positive/commit/" in capsys.readouterr().out
     meta = hub.card().data.to_dict()
     assert meta["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"  # model.hub_base_model, not the local path
@@ -145,8 +235,18 @@ def test_refused_recipe_push_leaves_the_whole_run_directory(stand_ins, tmp_path,
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
     name, out = "ppo_gpt2_sentiment", tmp_path / "run"
-    assert main(["train", str(CONFIGS / f"{name}.yaml"), *overrides_for(name, stand_ins, out), "push_to_hub=true",
-                 "hub_model_id=me/gpt2-positive"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                str(CONFIGS / f"{name}.yaml"),
+                *overrides_for(name, stand_ins, out),
+                "push_to_hub=true",
+                "hub_model_id=me/gpt2-positive",
+            ]
+        )
+        == 2
+    )
     assert "no Hugging Face token found" in capsys.readouterr().err
     for item in ("report.md", "eval.json", "reward_kl.png", "final/model.safetensors", "final/README.md"):
         assert (out / item).is_file(), item
@@ -155,9 +255,20 @@ def test_refused_recipe_push_leaves_the_whole_run_directory(stand_ins, tmp_path,
 def test_recipe_script_runs_like_the_cli(stand_ins, tmp_path):
     name = "ppo_gpt2_sentiment"
     out = tmp_path / "run"
-    proc = subprocess.run([sys.executable, str(ROOT / "recipes" / f"{name}.py"), "--config",
-                           str(CONFIGS / f"{name}.yaml"), *overrides_for(name, stand_ins, out), "report_to=[]"],
-                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "recipes" / f"{name}.py"),
+            "--config",
+            str(CONFIGS / f"{name}.yaml"),
+            *overrides_for(name, stand_ins, out),
+            "report_to=[]",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "report.md").is_file() and (out / "final" / "model.safetensors").is_file()
 
@@ -167,8 +278,18 @@ def test_eval_command_scores_a_trained_policy(stand_ins, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", str(CONFIGS / f"{name}.yaml"), *overrides_for(name, stand_ins, out)]) == 0
     capsys.readouterr()
-    assert main(["eval", str(CONFIGS / f"{name}.yaml"), *overrides_for(name, stand_ins, tmp_path / "e"),
-                 "--model", str(out / "final")]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(CONFIGS / f"{name}.yaml"),
+                *overrides_for(name, stand_ins, tmp_path / "e"),
+                "--model",
+                str(out / "final"),
+            ]
+        )
+        == 0
+    )
     metrics = json.loads(capsys.readouterr().out)
     assert metrics["eval/num_samples"] == 4 and "eval/reward/positive/mean" in metrics
 
@@ -190,8 +311,10 @@ def test_cli_errors_are_one_clear_message(tmp_path, capsys):
     assert "did you mean 'learning_rate'" in err and "did you mean 'model.name_or_path'" in err
     assert "unknown reward 'blue'; did you mean 'bleu'" in err and "Traceback" not in err
     bad = tmp_path / "bad.yaml"
-    bad.write_text("model: {name_or_path: x}\ndata: {path: json, data_files: missing.jsonl}\n"
-                   "rewards: [{name: missing_module_xyz:f}]\n")
+    bad.write_text(
+        "model: {name_or_path: x}\ndata: {path: json, data_files: missing.jsonl}\n"
+        "rewards: [{name: missing_module_xyz:f}]\n"
+    )
     assert main(["train", str(bad), f"output_dir={tmp_path / 'o'}"]) == 2
     assert "cannot import reward module 'missing_module_xyz'" in capsys.readouterr().err
 
@@ -220,8 +343,7 @@ def test_recipe_runs_are_reproducible(stand_ins, tmp_path, capsys):
     runs = []
     for i in range(2):
         out = tmp_path / f"run{i}"
-        assert main(["train", str(CONFIGS / f"{name}.yaml"), *overrides_for(name, stand_ins, out),
-                     "report_to=[]"]) == 0
+        assert main(["train", str(CONFIGS / f"{name}.yaml"), *overrides_for(name, stand_ins, out), "report_to=[]"]) == 0
         runs.append([json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()])
     keys = ("objective/scores", "objective/kl", "loss/policy", "eval/scores")
     for a, b in zip(runs[0], runs[1], strict=True):

@@ -155,8 +155,8 @@ def test_repetition_penalty_hand_values():
 # ---- YAML ------------------------------------------------------------------------------------------------------------
 def test_rewards_declared_in_yaml_build_a_combined_reward(tmp_path, monkeypatch):
     (tmp_path / "my_rewards.py").write_text(
-        "def brevity(prompts, completions, limit=3, **kw):\n"
-        "    return [float(len(c) <= limit) for c in completions]\n")
+        "def brevity(prompts, completions, limit=3, **kw):\n    return [float(len(c) <= limit) for c in completions]\n"
+    )
     (tmp_path / "run.yaml").write_text(
         "rewards:\n"
         "  - name: my_rewards.py:brevity\n"
@@ -167,7 +167,8 @@ def test_rewards_declared_in_yaml_build_a_combined_reward(tmp_path, monkeypatch)
         "    kwargs: {n: 1, unit: chars}\n"
         "    label: rep\n"
         "reward_normalize: none\n"
-        "reward_clip: 1.5\n")
+        "reward_clip: 1.5\n"
+    )
     monkeypatch.chdir(tmp_path.parent)  # the file is found next to the YAML, not only in the cwd
     cfg = PGConfig.from_yaml(tmp_path / "run.yaml")
     reward = build_reward(cfg.rewards, cfg.reward_normalize, cfg.reward_clip, base_dir=cfg.base_dir)
@@ -178,7 +179,8 @@ def test_rewards_declared_in_yaml_build_a_combined_reward(tmp_path, monkeypatch)
 
 def test_module_function_from_the_working_directory(tmp_path, monkeypatch):
     (tmp_path / "shaped_rewards_mod.py").write_text(
-        "def ones(prompts, completions, **kw):\n    return [1.0] * len(completions)\n")
+        "def ones(prompts, completions, **kw):\n    return [1.0] * len(completions)\n"
+    )
     monkeypatch.chdir(tmp_path)
     reward = build_reward([{"name": "shaped_rewards_mod:ones", "weight": 3}])
     assert reward(P, C) == [3.0] * 4
@@ -186,8 +188,16 @@ def test_module_function_from_the_working_directory(tmp_path, monkeypatch):
 
 def test_yaml_reward_errors_are_caught_up_front():
     with pytest.raises(ConfigError) as err:
-        PGConfig.from_dict({"rewards": [{"name": "blue"}, {"name": "rouge", "wieght": 1}, {"weight": 1},
-                                        {"name": "bleu", "weight": "high"}]})
+        PGConfig.from_dict(
+            {
+                "rewards": [
+                    {"name": "blue"},
+                    {"name": "rouge", "wieght": 1},
+                    {"weight": 1},
+                    {"name": "bleu", "weight": "high"},
+                ]
+            }
+        )
     msg = str(err.value)
     assert "rewards[0]: unknown reward 'blue'; did you mean 'bleu'?" in msg
     assert "rewards[1] has an unknown key 'wieght'; did you mean 'weight'?" in msg
@@ -195,22 +205,31 @@ def test_yaml_reward_errors_are_caught_up_front():
     assert "rewards[3]: weight must be a number" in msg
     with pytest.raises(ConfigError, match="no 'nope'; it defines"):
         build_reward([{"name": "hfpg.rewards.shaping:nope"}])
-    with pytest.raises(ConfigError, match="reward file 'missing.py' not found"):
+    with pytest.raises(ConfigError, match=r"reward file 'missing\.py' not found"):
         build_reward([{"name": "missing.py:f"}])
 
 
 # ---- in the trainer --------------------------------------------------------------------------------------------------
 def test_trainer_logs_each_part_and_builds_rewards_from_the_config(tokenizer, tmp_path):
     trainer = make_trainer(
-        tokenizer, tmp_path, max_steps=2,
-        rewards=[{"name": "length_penalty", "weight": 1.0, "kwargs": {"target": 3, "unit": "chars"}},
-                 {"name": "repetition_penalty", "weight": 0.5, "kwargs": {"n": 1, "unit": "chars"}}],
-        reward_normalize="running")
+        tokenizer,
+        tmp_path,
+        max_steps=2,
+        rewards=[
+            {"name": "length_penalty", "weight": 1.0, "kwargs": {"target": 3, "unit": "chars"}},
+            {"name": "repetition_penalty", "weight": 0.5, "kwargs": {"n": 1, "unit": "chars"}},
+        ],
+        reward_normalize="running",
+    )
     assert isinstance(trainer.reward_fn, CombinedReward)
     trainer.train()
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    for key in ("reward/length_penalty/mean", "reward/length_penalty/std", "reward/repetition_penalty/mean",
-                "reward/repetition_penalty/std"):
+    for key in (
+        "reward/length_penalty/mean",
+        "reward/length_penalty/std",
+        "reward/repetition_penalty/mean",
+        "reward/repetition_penalty/std",
+    ):
         assert key in lines[-1] and math.isfinite(lines[-1][key])
     assert lines[-1]["reward/length_penalty/mean"] <= 0.0  # raw part values, before normalisation
     m = trainer.evaluate([{"prompt": p} for p in PROMPTS])
@@ -218,13 +237,17 @@ def test_trainer_logs_each_part_and_builds_rewards_from_the_config(tokenizer, tm
 
 
 def test_reward_fn_and_config_rewards_together_is_an_error(tokenizer, tmp_path):
-    with pytest.raises(ConfigError, match="both reward_fn and config.rewards"):
+    with pytest.raises(ConfigError, match=r"both reward_fn and config\.rewards"):
         make_trainer(tokenizer, tmp_path, reward=length, rewards=[{"name": "repetition_penalty"}])
 
 
 def test_running_reward_statistics_resume_with_the_checkpoint(tokenizer, tmp_path):
-    kw = dict(max_steps=2, save_steps=1, reward_normalize="running",
-              rewards=[{"name": "length_penalty", "kwargs": {"target": 3, "unit": "chars"}}])
+    kw = dict(
+        max_steps=2,
+        save_steps=1,
+        reward_normalize="running",
+        rewards=[{"name": "length_penalty", "kwargs": {"target": 3, "unit": "chars"}}],
+    )
     trainer = make_trainer(tokenizer, tmp_path, **kw)
     trainer.train()
     seen = trainer.reward_fn.moments["length_penalty"].count
@@ -241,8 +264,17 @@ def test_ppo_raises_a_bleu_reward_against_fixed_references(tokenizer, tmp_path):
 
     data = [{"prompt": p, "references": ["the cat sat on the mat"]} for p in PROMPTS]
     reward = CombinedReward({BLEUReward(tokenize="char"): 1.0})
-    trainer = make_trainer(tokenizer, tmp_path, dataset=data, reward=reward, max_steps=50, rollout_batch_size=32,
-                           mini_batch_size=16, ppo_epochs=4, max_new_tokens=8)
+    trainer = make_trainer(
+        tokenizer,
+        tmp_path,
+        dataset=data,
+        reward=reward,
+        max_steps=50,
+        rollout_batch_size=32,
+        mini_batch_size=16,
+        ppo_epochs=4,
+        max_new_tokens=8,
+    )
     trainer.train()
     bleu = [r["reward/bleu/mean"] for r in trainer.log_history]
     start, end = sum(bleu[:3]) / 3, sum(bleu[-5:]) / 5
@@ -257,9 +289,18 @@ def test_reward_models_are_set_up_on_the_device_frozen_and_outside_ddp(tokenizer
     from hfpg import LMLikelihoodReward, RewardModelReward
 
     torch.manual_seed(0)
-    rm = GPT2ForSequenceClassification(GPT2Config(vocab_size=len(tokenizer), n_positions=128, n_embd=32, n_layer=1,
-                                                  n_head=2, num_labels=1, pad_token_id=tokenizer.pad_token_id,
-                                                  resid_pdrop=0.3)).train()
+    rm = GPT2ForSequenceClassification(
+        GPT2Config(
+            vocab_size=len(tokenizer),
+            n_positions=128,
+            n_embd=32,
+            n_layer=1,
+            n_head=2,
+            num_labels=1,
+            pad_token_id=tokenizer.pad_token_id,
+            resid_pdrop=0.3,
+        )
+    ).train()
     scorer = tiny_gpt2(tokenizer, seed=1).train()
     parts = {RewardModelReward(rm, tokenizer): 1.0, LMLikelihoodReward(scorer, tokenizer): 0.1}
     trainer = make_trainer(tokenizer, tmp_path, reward=CombinedReward(parts), max_steps=1)

@@ -38,7 +38,7 @@ def test_tokenize_prompts_left_pads_and_keeps_the_last_tokens(tokenizer):
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 @pytest.mark.parametrize("pad_is_eos", [False, True])
 def test_left_padded_prompt_scores_like_the_unpadded_one(arch, pad_is_eos, tokenizer, tokenizer_pad_is_eos):
-    """DESIGN detail 1: position ids come from the attention mask, so padding changes nothing."""
+    """docs/design.md detail 1: position ids come from the attention mask, so padding changes nothing."""
     tok = tokenizer_pad_is_eos if pad_is_eos else tokenizer
     model = AutoModelForCausalLMWithValueHead(ARCHS[arch](tok))
     torch.nn.init.normal_(model.v_head.summary.weight)
@@ -98,8 +98,13 @@ def test_generation_config_overrides_checkpoint_defaults(tokenizer):
     model.generation_config.repetition_penalty = 5.0
     model.generation_config.top_k = 3
     processors = model._get_logits_processor(
-        generation_config=model._prepare_generation_config(gen)[0], input_ids_seq_length=3,
-        encoder_input_ids=None, prefix_allowed_tokens_fn=None, logits_processor=None, device="cpu")
+        generation_config=model._prepare_generation_config(gen)[0],
+        input_ids_seq_length=3,
+        encoder_input_ids=None,
+        prefix_allowed_tokens_fn=None,
+        logits_processor=None,
+        device="cpu",
+    )
     names = {type(p).__name__ for p in processors}
     assert "RepetitionPenaltyLogitsProcessor" not in names and "TopKLogitsWarper" not in names
     assert "TemperatureLogitsWarper" in names and "TopPLogitsWarper" in names
@@ -158,11 +163,18 @@ def test_rollout_select_keeps_the_rows_asked_for():
 
     from hfpg.rollout import Rollout
 
-    r = Rollout(prompt_ids=torch.arange(8).view(4, 2), prompt_mask=torch.ones(4, 2, dtype=torch.bool),
-                response_ids=torch.arange(12).view(4, 3), response_mask=torch.ones(4, 3, dtype=torch.bool),
-                has_stop=torch.tensor([True, False, True, False]), scores=torch.tensor([0.0, 1.0, 2.0, 3.0]),
-                components={"a": torch.tensor([5.0, 6.0, 7.0, 8.0])}, prompts=["p0", "p1", "p2", "p3"],
-                completions=["c0", "c1", "c2", "c3"], columns={"row": [0, 1, 2, 3]})
+    r = Rollout(
+        prompt_ids=torch.arange(8).view(4, 2),
+        prompt_mask=torch.ones(4, 2, dtype=torch.bool),
+        response_ids=torch.arange(12).view(4, 3),
+        response_mask=torch.ones(4, 3, dtype=torch.bool),
+        has_stop=torch.tensor([True, False, True, False]),
+        scores=torch.tensor([0.0, 1.0, 2.0, 3.0]),
+        components={"a": torch.tensor([5.0, 6.0, 7.0, 8.0])},
+        prompts=["p0", "p1", "p2", "p3"],
+        completions=["c0", "c1", "c2", "c3"],
+        columns={"row": [0, 1, 2, 3]},
+    )
     s = r.select(slice(2, 4))
     assert s.batch_size == 2 and s.response_ids.tolist() == [[6, 7, 8], [9, 10, 11]]
     assert s.scores.tolist() == [2.0, 3.0] and s.components["a"].tolist() == [7.0, 8.0]

@@ -59,7 +59,7 @@ def test_merge_equals_the_moments_of_the_concatenation():
     assert merged.var == pytest.approx(cat.var().item(), rel=1e-12)
 
 
-# ---- whitening over the real tokens ------------------------------------------------------------------------------------
+# ---- whitening over the real tokens ----------------------------------------------------------------------------------
 def test_whiten_mean_zero_unit_variance_padding_zero():
     out = global_whiten(None, X, M)
     s = math.sqrt(2.5 + 1e-8)
@@ -91,7 +91,7 @@ def test_whiten_of_one_real_token_only_centres_it():
     assert out[0, 1].item() == 0.0 and out.abs().sum().item() == 0.0  # var 0: (x - mean) / sqrt(eps) = 0
 
 
-# ---- explained variance ------------------------------------------------------------------------------------------------
+# ---- explained variance ----------------------------------------------------------------------------------------------
 R = torch.tensor([[1.0, 2.0, 3.0, 99.0], [4.0, 5.0, 99.0, 99.0]])  # real returns: 1..5
 
 
@@ -117,7 +117,7 @@ def test_explained_variance_of_constant_returns_is_nan():
     assert math.isnan(explained_variance(constant, Moments.of(torch.randn(4))))
 
 
-# ---- running moments ---------------------------------------------------------------------------------------------------
+# ---- running moments -------------------------------------------------------------------------------------------------
 BATCHES = [
     torch.tensor([1.0, 2.0, 3.0]),
     torch.tensor([10.0]),

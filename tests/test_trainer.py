@@ -1,4 +1,4 @@
-"""PGTrainer end to end on a tiny GPT-2: learning, the PPO invariants of DESIGN.md, resume, metrics, bad input."""
+"""PGTrainer end to end on a tiny GPT-2: learning, the PPO invariants of docs/design.md, resume, metrics, bad input."""
 
 from __future__ import annotations
 
@@ -17,9 +17,19 @@ from hfpg.rewards import RewardError
 
 PROMPTS = ["the cat", "a good day", "hello world", "policy gradient"]
 REQUIRED_METRICS = [
-    "objective/kl", "objective/kl_coef", "objective/scores", "objective/rlhf_reward", "policy/approxkl",
-    "policy/clipfrac", "policy/entropy", "loss/policy", "loss/value", "value/explained_variance", "time/rollout",
-    "time/update", "tokens_per_second",
+    "objective/kl",
+    "objective/kl_coef",
+    "objective/scores",
+    "objective/rlhf_reward",
+    "policy/approxkl",
+    "policy/clipfrac",
+    "policy/entropy",
+    "loss/policy",
+    "loss/value",
+    "value/explained_variance",
+    "time/rollout",
+    "time/update",
+    "tokens_per_second",
 ]
 
 
@@ -56,12 +66,26 @@ def length_reward(prompts, completions, **columns):
 
 
 def make_trainer(tokenizer, tmp_path, model=None, reward=None, dataset=None, **overrides):
-    cfg = dict(output_dir=str(tmp_path / "run"), max_steps=2, rollout_batch_size=8, mini_batch_size=4, ppo_epochs=2,
-               learning_rate=1e-2, max_new_tokens=6, kl_coef=0.01, report_to=[], disable_tqdm=True)
+    cfg = dict(
+        output_dir=str(tmp_path / "run"),
+        max_steps=2,
+        rollout_batch_size=8,
+        mini_batch_size=4,
+        ppo_epochs=2,
+        learning_rate=1e-2,
+        max_new_tokens=6,
+        kl_coef=0.01,
+        report_to=[],
+        disable_tqdm=True,
+    )
     cfg.update(overrides)
-    return PGTrainer(model if model is not None else tiny_gpt2(tokenizer), tokenizer, PGConfig(**cfg),
-                     train_dataset=dataset if dataset is not None else [{"prompt": p} for p in PROMPTS],
-                     reward_fn=reward if reward is not None else (None if cfg.get("rewards") else length_reward))
+    return PGTrainer(
+        model if model is not None else tiny_gpt2(tokenizer),
+        tokenizer,
+        PGConfig(**cfg),
+        train_dataset=dataset if dataset is not None else [{"prompt": p} for p in PROMPTS],
+        reward_fn=reward if reward is not None else (None if cfg.get("rewards") else length_reward),
+    )
 
 
 class StopAt(TrainerCallback):
@@ -78,8 +102,16 @@ def params(model) -> dict[str, torch.Tensor]:
 
 # ---- learning ------------------------------------------------------------------------------------------------------
 def test_ppo_raises_a_toy_reward_far_above_its_start(tokenizer, tmp_path):
-    trainer = make_trainer(tokenizer, tmp_path, max_steps=40, rollout_batch_size=32, mini_batch_size=16,
-                           ppo_epochs=4, max_new_tokens=8, reward=target_share(tokenizer))
+    trainer = make_trainer(
+        tokenizer,
+        tmp_path,
+        max_steps=40,
+        rollout_batch_size=32,
+        mini_batch_size=16,
+        ppo_epochs=4,
+        max_new_tokens=8,
+        reward=target_share(tokenizer),
+    )
     trainer.train()
     scores = [r["objective/scores"] for r in trainer.log_history]
     start, end = sum(scores[:3]) / 3, sum(scores[-3:]) / 3
@@ -89,14 +121,24 @@ def test_ppo_raises_a_toy_reward_far_above_its_start(tokenizer, tmp_path):
     assert trainer.log_history[-1]["objective/kl"] > 0  # the policy did move away from the reference
 
 
-# ---- DESIGN.md details --------------------------------------------------------------------------------------------
+# ---- the implementation details of docs/design.md --------------------------------------------------------------------
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_first_minibatch_ratio_is_one_and_approx_kl_zero(temperature, tokenizer, tmp_path):
     """Detail 3 + 4: one epoch, one minibatch => every logged policy stat comes from the first minibatch. A model built
-    with dropout 0.3 and temperature 0.7 must still give ratio 1 (dropout off, temperature in old/new logprobs)."""
+    with dropout 0.3 and temperature 0.7 must still give ratio 1 (dropout off, temperature in old/new logprobs). The
+    rollout's separate no-grad forward gives the old logprobs (fused, they would be the update's own: 1 by design)."""
     model = tiny_gpt2(tokenizer, resid_pdrop=0.3, attn_pdrop=0.3, embd_pdrop=0.3)
-    trainer = make_trainer(tokenizer, tmp_path, model=model, ppo_epochs=1, mini_batch_size=8,
-                           temperature=temperature, max_steps=1)
+    trainer = make_trainer(
+        tokenizer,
+        tmp_path,
+        model=model,
+        ppo_epochs=1,
+        mini_batch_size=8,
+        temperature=temperature,
+        max_steps=1,
+        fuse_policy_forward=False,
+    )
+    assert not trainer.algorithm.fuses_policy_forward
     m = trainer.train()
     assert abs(m["policy/ratio"] - 1.0) < 1e-6
     assert m["policy/approxkl"] < 1e-9
@@ -107,8 +149,9 @@ def test_first_minibatch_ratio_is_one_and_approx_kl_zero(temperature, tokenizer,
 def test_ratio_is_not_one_when_dropout_stays_on(tokenizer, tmp_path):
     """Negative control for detail 4: with dropout left on, the first minibatch's ratio is off 1."""
     model = tiny_gpt2(tokenizer, resid_pdrop=0.3, attn_pdrop=0.3, embd_pdrop=0.3)
-    trainer = make_trainer(tokenizer, tmp_path, model=model, ppo_epochs=1, mini_batch_size=8, max_steps=1,
-                           disable_dropout=False)
+    trainer = make_trainer(
+        tokenizer, tmp_path, model=model, ppo_epochs=1, mini_batch_size=8, max_steps=1, disable_dropout=False
+    )
     m = trainer.train()
     assert m["policy/approxkl"] > 1e-4
 
@@ -156,7 +199,7 @@ def test_each_epoch_draws_a_fresh_permutation_of_the_batch(tokenizer, tmp_path, 
     monkeypatch.setattr(PPO, "_micro_step", spy)
     trainer = make_trainer(tokenizer, tmp_path, max_steps=1, rollout_batch_size=8, mini_batch_size=2, ppo_epochs=3)
     trainer.train()
-    epochs = [sum(seen[i : i + 4], []) for i in range(0, 12, 4)]
+    epochs = [[row for batch in seen[i : i + 4] for row in batch] for i in range(0, 12, 4)]
     assert len(seen) == 12 and all(sorted(e) == list(range(8)) for e in epochs)
     assert len({tuple(e) for e in epochs}) == 3
 
@@ -165,8 +208,15 @@ def test_gradient_accumulation_gives_the_same_update(tokenizer, tmp_path):
     """Detail 13: a minibatch of 8 in one piece or as 4 micro-batches of 2 gives the same weights."""
     results = []
     for accum in (1, 4):
-        trainer = make_trainer(tokenizer, tmp_path / f"ga{accum}", max_steps=2, rollout_batch_size=16,
-                               mini_batch_size=8, gradient_accumulation_steps=accum, learning_rate=1e-3)
+        trainer = make_trainer(
+            tokenizer,
+            tmp_path / f"ga{accum}",
+            max_steps=2,
+            rollout_batch_size=16,
+            mini_batch_size=8,
+            gradient_accumulation_steps=accum,
+            learning_rate=1e-3,
+        )
         trainer.train()
         results.append(params(trainer.unwrapped_model))
     for k in results[0]:
@@ -187,13 +237,15 @@ def test_batch_sizes_that_do_not_divide_fail_before_any_model_work(tokenizer, tm
 
 def test_missing_eos_penalty_hits_only_completions_without_a_stop(tokenizer, tmp_path):
     """Detail 5: the penalty applies to completions that ran to max_new_tokens."""
+
     def zero(prompts, completions, **kw):
         return [0.0] * len(completions)
 
     model = tiny_gpt2(tokenizer)
     # EOS can never be sampled: every completion runs out of tokens
     model.get_output_embeddings().register_forward_hook(
-        lambda m, i, o: o.index_fill(-1, torch.tensor([tokenizer.eos_token_id]), -1e4))
+        lambda m, i, o: o.index_fill(-1, torch.tensor([tokenizer.eos_token_id]), -1e4)
+    )
     trainer = make_trainer(tokenizer, tmp_path, model=model, reward=zero, max_steps=1, missing_eos_penalty=2.5)
     m = trainer.train()
     assert m["completions/no_stop_fraction"] == 1.0
@@ -211,8 +263,7 @@ def test_adaptive_kl_coefficient_moves_and_is_logged(tokenizer, tmp_path):
 
 
 def test_early_stop_when_approx_kl_exceeds_the_target(tokenizer, tmp_path):
-    trainer = make_trainer(tokenizer, tmp_path, max_steps=2, ppo_epochs=4, target_approx_kl=1e-12,
-                           learning_rate=1e-2)
+    trainer = make_trainer(tokenizer, tmp_path, max_steps=2, ppo_epochs=4, target_approx_kl=1e-12, learning_rate=1e-2)
     trainer.train()
     last = trainer.log_history[-1]
     assert last["policy/early_stopped"] == 1.0
@@ -222,8 +273,16 @@ def test_early_stop_when_approx_kl_exceeds_the_target(tokenizer, tmp_path):
 def test_entropy_bonus_keeps_the_policy_more_random(tokenizer, tmp_path):
     ent = {}
     for coef in (0.0, 1.0):
-        trainer = make_trainer(tokenizer, tmp_path / str(coef), max_steps=15, rollout_batch_size=16,
-                               mini_batch_size=8, ent_coef=coef, max_new_tokens=6, reward=set_share(tokenizer))
+        trainer = make_trainer(
+            tokenizer,
+            tmp_path / str(coef),
+            max_steps=15,
+            rollout_batch_size=16,
+            mini_batch_size=8,
+            ent_coef=coef,
+            max_new_tokens=6,
+            reward=set_share(tokenizer),
+        )
         trainer.train()
         ent[coef] = trainer.log_history[-1]["policy/entropy"]
     assert ent[1.0] > ent[0.0] + 0.5, ent
@@ -239,8 +298,15 @@ def test_linear_schedule_decays_the_learning_rate(tokenizer, tmp_path):
 # ---- resume ----------------------------------------------------------------------------------------------------------
 def test_resumed_run_continues_exactly_like_an_uninterrupted_one(tokenizer, tmp_path):
     """Detail 14: model, optimizer, scheduler, KL controller, score statistics, sampler and RNG are all restored."""
-    kw = dict(max_steps=4, save_steps=2, adaptive_kl=True, kl_target=0.5, kl_horizon=50,
-              score_scaling="running_std", dataset=[{"prompt": p} for p in PROMPTS * 3])
+    kw = dict(
+        max_steps=4,
+        save_steps=2,
+        adaptive_kl=True,
+        kl_target=0.5,
+        kl_horizon=50,
+        score_scaling="running_std",
+        dataset=[{"prompt": p} for p in PROMPTS * 3],
+    )
     straight = make_trainer(tokenizer, tmp_path / "a", **kw)
     straight.train()
     interrupted = make_trainer(tokenizer, tmp_path / "b", **kw)
@@ -301,8 +367,9 @@ def test_reward_receives_the_other_dataset_columns(tokenizer, tmp_path):
         return [float(len(c)) for c in completions]
 
     data = [{"prompt": p, "references": [p.upper()], "difficulty": i} for i, p in enumerate(PROMPTS)]
-    trainer = make_trainer(tokenizer, tmp_path, reward=reward, dataset=data, rollout_batch_size=4,
-                           mini_batch_size=4, max_steps=1)
+    trainer = make_trainer(
+        tokenizer, tmp_path, reward=reward, dataset=data, rollout_batch_size=4, mini_batch_size=4, max_steps=1
+    )
     trainer.train()
     for p, ref, d in zip(seen["prompts"], seen["references"], seen["difficulty"]):
         assert ref == [p.upper()] and PROMPTS[d] == p
@@ -422,10 +489,25 @@ def test_gradient_clipping_bounds_the_update(tokenizer, tmp_path):
     model = AutoModelForCausalLMWithValueHead(tiny_gpt2(tokenizer))
     before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
     sgd = torch.optim.SGD(model.parameters(), lr=1.0)
-    trainer = PGTrainer(model, tokenizer, PGConfig(
-        output_dir=str(tmp_path), max_steps=1, rollout_batch_size=8, mini_batch_size=8, ppo_epochs=1,
-        max_new_tokens=6, max_grad_norm=0.01, report_to=[], disable_tqdm=True, lr_scheduler_type="constant"),
-        train_dataset=[{"prompt": p} for p in PROMPTS], reward_fn=length_reward, optimizers=(sgd, None))
+    trainer = PGTrainer(
+        model,
+        tokenizer,
+        PGConfig(
+            output_dir=str(tmp_path),
+            max_steps=1,
+            rollout_batch_size=8,
+            mini_batch_size=8,
+            ppo_epochs=1,
+            max_new_tokens=6,
+            max_grad_norm=0.01,
+            report_to=[],
+            disable_tqdm=True,
+            lr_scheduler_type="constant",
+        ),
+        train_dataset=[{"prompt": p} for p in PROMPTS],
+        reward_fn=length_reward,
+        optimizers=(sgd, None),
+    )
     m = trainer.train()
     after = torch.cat([p.detach().flatten() for p in trainer.unwrapped_model.parameters()])
     assert m["policy/grad_norm"] > 0.01  # the raw gradient was larger than the bound
@@ -454,10 +536,21 @@ def test_score_shaping_whitening_running_std_and_clipping():
 def test_trainer_loads_model_and_tokenizer_from_a_path(tokenizer, tmp_path):
     tiny_gpt2(tokenizer).save_pretrained(tmp_path / "m")
     tokenizer.save_pretrained(tmp_path / "m")
-    trainer = PGTrainer(str(tmp_path / "m"), config=PGConfig(output_dir=str(tmp_path / "run"), max_steps=1,
-                        rollout_batch_size=4, mini_batch_size=4, max_new_tokens=4, report_to=[], disable_tqdm=True),
-                        train_dataset=[{"prompt": p} for p in PROMPTS], reward_fn=length_reward,
-                        ref_model=str(tmp_path / "m"))
+    trainer = PGTrainer(
+        str(tmp_path / "m"),
+        config=PGConfig(
+            output_dir=str(tmp_path / "run"),
+            max_steps=1,
+            rollout_batch_size=4,
+            mini_batch_size=4,
+            max_new_tokens=4,
+            report_to=[],
+            disable_tqdm=True,
+        ),
+        train_dataset=[{"prompt": p} for p in PROMPTS],
+        reward_fn=length_reward,
+        ref_model=str(tmp_path / "m"),
+    )
     assert isinstance(trainer.unwrapped_model, AutoModelForCausalLMWithValueHead)
     assert trainer.tokenizer.pad_token == "<pad>"
     assert trainer.train()["objective/kl"] == pytest.approx(0.0, abs=1e-6)  # the loaded reference equals the policy
@@ -481,8 +574,16 @@ def test_step_metrics_match_the_reference_maths():
     values, returns = torch.randn(2, 3) * mask, torch.randn(2, 3) * mask
     kl = torch.tensor([[0.1, 0.2, 0.3], [0.4, 0.5, 0.0]])
     ids = torch.zeros(2, 3, dtype=torch.long)
-    r = Rollout(ids[:, :1], torch.ones(2, 1), ids, mask, torch.tensor([True, False]), values=values,
-                entropy=torch.ones(2, 3), scores=torch.tensor([1.0, 3.0]))
+    r = Rollout(
+        ids[:, :1],
+        torch.ones(2, 1),
+        ids,
+        mask,
+        torch.tensor([True, False]),
+        values=values,
+        entropy=torch.ones(2, 3),
+        scores=torch.tensor([1.0, 3.0]),
+    )
     adv = {"kl": kl, "non_score_rewards": -0.5 * kl, "returns": returns}
     m = step_metrics(None, r, adv, torch.tensor([2.0, 4.0]), 0.5)
     want = 1 - (returns - values)[mask].var() / returns[mask].var()
@@ -505,8 +606,10 @@ def test_rows_read_like_a_datasets_dataset():
     assert ours.column_names == theirs.column_names
     assert ours["prompt"] == list(theirs["prompt"])
     assert ours[[2, 0]] == dict(theirs[[2, 0]]) and ours[1] == theirs[1] and ours[1:] == dict(theirs[1:])
-    assert as_dataset({"prompt": ["a", "b"], "ref": ["x", "y"]}, "d")[[0, 1]] == {"prompt": ["a", "b"],
-                                                                                   "ref": ["x", "y"]}
+    assert as_dataset({"prompt": ["a", "b"], "ref": ["x", "y"]}, "d")[[0, 1]] == {
+        "prompt": ["a", "b"],
+        "ref": ["x", "y"],
+    }
     with pytest.raises(DataError, match="must have one length"):
         as_dataset({"prompt": ["a", "b"], "ref": ["x"]}, "train_dataset")
     assert as_dataset(theirs, "d") is theirs  # a datasets.Dataset is used as it is
@@ -527,8 +630,10 @@ def test_training_on_a_list_of_prompts_does_not_import_arrow(tmp_path):
         "               max_new_tokens=4, report_to=[], disable_tqdm=True)\n"
         "PGTrainer(tiny_gpt2(tok), tok, cfg, train_dataset=[{'prompt': 'the cat', 'n': 1}] * 4,\n"
         "          reward_fn=lambda prompts, completions, **kw: [float(len(c)) for c in completions]).train()\n"
-        "print(sorted(m for m in ('datasets', 'pyarrow', 'pandas') if m in sys.modules))\n")
-    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, capture_output=True, text=True,
-                         timeout=120)
+        "print(sorted(m for m in ('datasets', 'pyarrow', 'pandas') if m in sys.modules))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "[]"

@@ -25,5 +25,13 @@ def build_algorithm(config) -> UpdateRule:
     return rule(config)
 
 
-__all__ = ["ALGORITHMS", "PPO", "REINFORCE", "TRPO", "MinibatchPolicyGradient", "UpdateRule", "build_algorithm",
-           "rule_class"]
+__all__ = [
+    "ALGORITHMS",
+    "PPO",
+    "REINFORCE",
+    "TRPO",
+    "MinibatchPolicyGradient",
+    "UpdateRule",
+    "build_algorithm",
+    "rule_class",
+]

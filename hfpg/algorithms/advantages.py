@@ -39,8 +39,14 @@ class MovingAverageBaseline:
 
 
 @torch.no_grad()
-def compute_advantages(rollout, scores: torch.Tensor, kl_coef: float, config, accelerator=None,
-                       moving_average: MovingAverageBaseline | None = None) -> dict[str, torch.Tensor]:
+def compute_advantages(
+    rollout,
+    scores: torch.Tensor,
+    kl_coef: float,
+    config,
+    accelerator=None,
+    moving_average: MovingAverageBaseline | None = None,
+) -> dict[str, torch.Tensor]:
     """rollout tensors (B, T), scores (B,) -> kl, rewards, non_score_rewards, advantages, returns, all (B, T).
 
     With ``kl_penalty="reward"`` every token pays −β·KL; with ``"loss"`` the rewards hold the score only and the
@@ -75,5 +81,4 @@ def compute_advantages(rollout, scores: torch.Tensor, kl_coef: float, config, ac
         advantages = torch.where(mask, advantages, 0.0)
     if cfg.whiten_advantages:
         advantages = global_whiten(accelerator, advantages, mask, shift_mean=True)
-    return {"kl": kl, "rewards": rewards, "non_score_rewards": non_score, "advantages": advantages,
-            "returns": returns}
+    return {"kl": kl, "rewards": rewards, "non_score_rewards": non_score, "advantages": advantages, "returns": returns}

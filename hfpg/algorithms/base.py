@@ -8,7 +8,8 @@ A rule turns one scored batch of experience into a policy update: it computes ad
 
 from __future__ import annotations
 
-from typing import Callable, ClassVar
+from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 
@@ -70,8 +71,18 @@ class UpdateRule:
         """The update's first forward over the whole local batch, with gradients, when the rule fuses it."""
         raise NotImplementedError(f"{type(self).__name__} does not fuse the rollout's policy forward")
 
-    def update(self, model, optimizer, scheduler, accelerator, rollout, advantages: torch.Tensor,
-               returns: torch.Tensor, kl_coef: float = 0.0, first_forward: dict | None = None) -> dict[str, float]:
+    def update(
+        self,
+        model,
+        optimizer,
+        scheduler,
+        accelerator,
+        rollout,
+        advantages: torch.Tensor,
+        returns: torch.Tensor,
+        kl_coef: float = 0.0,
+        first_forward: dict | None = None,
+    ) -> dict[str, float]:
         """Update the policy (and critic) from one batch; returns metrics averaged over every process.
 
         rollout: the batch (fresh and replayed sequences); advantages, returns: (B, T); kl_coef: β of this step;

@@ -30,16 +30,28 @@ class MinibatchPolicyGradient(UpdateRule):
         first forward is exactly the rollout's policy forward, and one forward per step is saved (about 1/8 of a
         critic-free step). ``fuse_policy_forward: false`` turns it off."""
         cfg = self.config
-        return (cfg.fuse_policy_forward and self.epochs == 1 and cfg.mini_batch_size == cfg.rollout_batch_size
-                and cfg.gradient_accumulation_steps == 1 and not cfg.replay_batch_size and cfg.disable_dropout)
+        return (
+            cfg.fuse_policy_forward
+            and self.epochs == 1
+            and cfg.mini_batch_size == cfg.rollout_batch_size
+            and cfg.gradient_accumulation_steps == 1
+            and not cfg.replay_batch_size
+            and cfg.disable_dropout
+        )
 
     def training_forward(self, model, rollout) -> dict[str, torch.Tensor]:
         """The update's forward over the whole local batch, with gradients; fills the rollout's logprobs, values and
         entropy with its detached outputs. Returns the outputs for :meth:`update` to take the loss from."""
         cfg = self.config
         model.train()
-        out = rollout_forward(model, rollout, cfg.temperature, with_values=self.uses_critic, with_entropy=True,
-                              entropy_grad=cfg.ent_coef > 0)
+        out = rollout_forward(
+            model,
+            rollout,
+            cfg.temperature,
+            with_values=self.uses_critic,
+            with_entropy=True,
+            entropy_grad=cfg.ent_coef > 0,
+        )
         rollout.logprobs = out["logprobs"].detach()
         rollout.values = out["values"].detach() if "values" in out else torch.zeros_like(rollout.logprobs)
         rollout.entropy = out["entropy"].detach()
@@ -54,8 +66,18 @@ class MinibatchPolicyGradient(UpdateRule):
         return 0.5 * (new_values - returns[idx]) ** 2, None
 
     # ---- the loop ---------------------------------------------------------------------------------------------------
-    def update(self, model, optimizer, scheduler, accelerator, rollout, advantages: torch.Tensor,
-               returns: torch.Tensor, kl_coef: float = 0.0, first_forward: dict | None = None) -> dict[str, float]:
+    def update(
+        self,
+        model,
+        optimizer,
+        scheduler,
+        accelerator,
+        rollout,
+        advantages: torch.Tensor,
+        returns: torch.Tensor,
+        kl_coef: float = 0.0,
+        first_forward: dict | None = None,
+    ) -> dict[str, float]:
         """``epochs`` × minibatches of optimizer steps. Returns global mean metrics.
 
         first_forward: :meth:`training_forward`'s outputs (rows in rollout order), used by the first micro-batch
@@ -88,8 +110,19 @@ class MinibatchPolicyGradient(UpdateRule):
                     if first_forward is not None:  # the rows of idx, from the forward that is already done
                         out, first_forward = {k: v[idx] for k, v in first_forward.items()}, None
                     with sync:
-                        self._micro_step(model, accelerator, rollout, advantages, returns, idx, normaliser, kl_coef,
-                                         stats, mb_approx_kl, out)
+                        self._micro_step(
+                            model,
+                            accelerator,
+                            rollout,
+                            advantages,
+                            returns,
+                            idx,
+                            normaliser,
+                            kl_coef,
+                            stats,
+                            mb_approx_kl,
+                            out,
+                        )
                 if cfg.max_grad_norm is not None:
                     # DeepSpeed clips inside its engine step and returns the norm it measured
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
@@ -110,18 +143,37 @@ class MinibatchPolicyGradient(UpdateRule):
             if early_stopped:
                 break
         metrics = stats.means(accelerator, b_mask.device)
-        metrics.update({"policy/early_stopped": float(early_stopped), "policy/epochs": float(epochs_done),
-                        "policy/optimizer_steps": float(n_updates), "lr": scheduler.get_last_lr()[0]})
+        metrics.update(
+            {
+                "policy/early_stopped": float(early_stopped),
+                "policy/epochs": float(epochs_done),
+                "policy/optimizer_steps": float(n_updates),
+                "lr": scheduler.get_last_lr()[0],
+            }
+        )
         return metrics
 
-    def _micro_step(self, model, accelerator, rollout, advantages, returns, idx, normaliser, kl_coef,
-                    stats: MetricSums, mb_approx_kl: MetricSums, out: dict | None = None) -> None:
+    def _micro_step(
+        self,
+        model,
+        accelerator,
+        rollout,
+        advantages,
+        returns,
+        idx,
+        normaliser,
+        kl_coef,
+        stats: MetricSums,
+        mb_approx_kl: MetricSums,
+        out: dict | None = None,
+    ) -> None:
         cfg = self.config
         mask = rollout.response_mask[idx]
         need_entropy = cfg.ent_coef > 0
         if out is None:
-            out = rollout_forward(model, rollout, cfg.temperature, with_values=self.uses_critic,
-                                  with_entropy=need_entropy, rows=idx)
+            out = rollout_forward(
+                model, rollout, cfg.temperature, with_values=self.uses_critic, with_entropy=need_entropy, rows=idx
+            )
         weights = rollout.is_weights[idx] if rollout.is_weights is not None else torch.ones_like(out["logprobs"])
         loss_tok, pstats = self.policy_loss(out["logprobs"], rollout, idx, advantages, weights)
         if self.uses_critic:

@@ -17,11 +17,15 @@ class PPO(MinibatchPolicyGradient):
         return self.config.ppo_epochs
 
     def policy_loss(self, new_logprobs, rollout, idx, advantages, weights):
-        pg_tok, clipped, ratio = ops.ppo_policy_loss(new_logprobs, rollout.logprobs[idx], advantages[idx],
-                                                     self.config.clip_range)
+        pg_tok, clipped, ratio = ops.ppo_policy_loss(
+            new_logprobs, rollout.logprobs[idx], advantages[idx], self.config.clip_range
+        )
         pg_tok = weights * pg_tok  # truncated importance weights: 1 for fresh samples
-        return pg_tok, {"loss/policy": pg_tok.detach(), "policy/clipfrac": clipped.float(),
-                        "policy/ratio": ratio.detach()}
+        return pg_tok, {
+            "loss/policy": pg_tok.detach(),
+            "policy/clipfrac": clipped.float(),
+            "policy/ratio": ratio.detach(),
+        }
 
     def value_loss(self, new_values, rollout, idx, returns):
         return ops.clipped_value_loss(new_values, rollout.values[idx], returns[idx], self.config.clip_range_value)

@@ -30,12 +30,16 @@ class TRPO(UpdateRule):
 
     name = "trpo"
     replay_refusal = "replay is for ppo and reinforce; TRPO's trust region is defined around the current policy"
-    sharded_engine_refusal = ("algorithm=trpo flattens and line-searches every trainable weight itself, which a "
-                              "DeepSpeed or FSDP engine does not allow; use DDP (recipes/accelerate/ddp.yaml) or "
-                              "ppo/reinforce")
-    optimizer_hook_refusal = ("AdaLoRA needs an optimizer-step algorithm (ppo or reinforce), not trpo: the "
-                              "natural-gradient step does not go through the optimizer; use LoRA (or another adapter "
-                              "method) for TRPO")
+    sharded_engine_refusal = (
+        "algorithm=trpo flattens and line-searches every trainable weight itself, which a "
+        "DeepSpeed or FSDP engine does not allow; use DDP (recipes/accelerate/ddp.yaml) or "
+        "ppo/reinforce"
+    )
+    optimizer_hook_refusal = (
+        "AdaLoRA needs an optimizer-step algorithm (ppo or reinforce), not trpo: the "
+        "natural-gradient step does not go through the optimizer; use LoRA (or another adapter "
+        "method) for TRPO"
+    )
 
     def __init__(self, config):
         super().__init__(config)
@@ -53,10 +57,13 @@ class TRPO(UpdateRule):
 
     # ---- forward pieces -------------------------------------------------------------------------------------------
     def _micro_batches(self, rollout, accelerator):
-        size = max(self.config.mini_batch_size // accelerator.num_processes // self.config.gradient_accumulation_steps,
-                   1)
-        return [torch.arange(s, min(s + size, rollout.batch_size), device=rollout.response_mask.device)
-                for s in range(0, rollout.batch_size, size)]
+        size = max(
+            self.config.mini_batch_size // accelerator.num_processes // self.config.gradient_accumulation_steps, 1
+        )
+        return [
+            torch.arange(s, min(s + size, rollout.batch_size), device=rollout.response_mask.device)
+            for s in range(0, rollout.batch_size, size)
+        ]
 
     def _log_dist(self, lm, rollout, idx) -> torch.Tensor:
         """Temperature-scaled log-softmax over the vocabulary at each response position: (b, T, V) fp32."""
@@ -84,16 +91,25 @@ class TRPO(UpdateRule):
         return ops.masked_sum(kl, mask)
 
     # ---- the update -------------------------------------------------------------------------------------------------
-    def update(self, model, optimizer, scheduler, accelerator, rollout, advantages: torch.Tensor,
-               returns: torch.Tensor, kl_coef: float = 0.0, first_forward: dict | None = None) -> dict[str, float]:
+    def update(
+        self,
+        model,
+        optimizer,
+        scheduler,
+        accelerator,
+        rollout,
+        advantages: torch.Tensor,
+        returns: torch.Tensor,
+        kl_coef: float = 0.0,
+        first_forward: dict | None = None,
+    ) -> dict[str, float]:
         """One trust-region step of the trainable policy weights (``optimizer`` and ``scheduler`` are not used: the
         step is the natural gradient's), then the value-head fit."""
         cfg = self.config
         policy = accelerator.unwrap_model(model)  # plain forwards: every reduction below is explicit
         policy.train()
         lm = policy.pretrained_model
-        names, params = zip(*[(n, p) for n, p in policy.named_parameters()
-                              if p.requires_grad and not n.startswith("v_head.")])
+        params = [p for n, p in policy.named_parameters() if p.requires_grad and not n.startswith("v_head.")]
         device = rollout.response_mask.device
         micro = self._micro_batches(rollout, accelerator)
         n_tok = global_sum(accelerator, rollout.response_mask.sum().double()).clamp(min=1.0)
@@ -137,17 +153,25 @@ class TRPO(UpdateRule):
             for tries in range(1, cfg.line_search_steps + 1):
                 frac = 0.5 ** (tries - 1)
                 _assign(params, theta_old + frac * full_step)
-                kl_new, gain = self._evaluate(lm, rollout, micro, old, advantages, kl_coef, n_tok, surrogate_old,
-                                              reduce)
+                kl_new, gain = self._evaluate(
+                    lm, rollout, micro, old, advantages, kl_coef, n_tok, surrogate_old, reduce
+                )
                 if kl_new <= cfg.max_kl and gain > 0 and gain >= cfg.line_search_accept_ratio * frac * expected:
                     accepted = True
                     break
             if not accepted:
                 _assign(params, theta_old)  # a rejected search leaves the policy exactly as it was
-        metrics.update({"trpo/accepted": float(accepted), "trpo/kl": kl_new if accepted else 0.0,
-                        "trpo/surrogate_gain": gain if accepted else 0.0, "trpo/line_search_tries": float(tries),
-                        "trpo/step_fraction": frac if accepted else 0.0, "policy/approxkl": kl_new if accepted else 0.0,
-                        "loss/policy": -float(surrogate_old)})
+        metrics.update(
+            {
+                "trpo/accepted": float(accepted),
+                "trpo/kl": kl_new if accepted else 0.0,
+                "trpo/surrogate_gain": gain if accepted else 0.0,
+                "trpo/line_search_tries": float(tries),
+                "trpo/step_fraction": frac if accepted else 0.0,
+                "policy/approxkl": kl_new if accepted else 0.0,
+                "loss/policy": -float(surrogate_old),
+            }
+        )
         if self.uses_critic:
             metrics.update(self._fit_value_head(policy, rollout, returns, accelerator))
         return metrics
@@ -172,8 +196,12 @@ class TRPO(UpdateRule):
             if pending:
                 self.value_optimizer.load_state_dict(pending)
         with torch.no_grad():
-            hidden = torch.cat([response_outputs(policy, **rollout.sequences(idx), last_hidden_state=True).hidden
-                                for idx in self._micro_batches(rollout, accelerator)])  # (B, T, H)
+            hidden = torch.cat(
+                [
+                    response_outputs(policy, **rollout.sequences(idx), last_hidden_state=True).hidden
+                    for idx in self._micro_batches(rollout, accelerator)
+                ]
+            )  # (B, T, H)
         mask = rollout.response_mask
         n_tok = global_sum(accelerator, mask.sum().float()).clamp(min=1.0)
         first = last = None
@@ -198,8 +226,7 @@ def _math_attention():
 
 
 def _flat(grads, params) -> torch.Tensor:
-    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).float()
-                      for g, p in zip(grads, params)])
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).float() for g, p in zip(grads, params)])
 
 
 @torch.no_grad()

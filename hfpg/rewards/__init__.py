@@ -9,7 +9,23 @@ from .registry import build_reward, builtin_reward, builtin_rewards
 from .shaping import LengthPenalty, RepetitionPenalty
 
 __all__ = [
-    "BLEUReward", "ChrFReward", "CombinedReward", "EvaluateMetricReward", "LMLikelihoodReward", "LengthPenalty",
-    "ROUGEReward", "RepetitionPenalty", "Reward", "RewardError", "RewardFunction", "RewardModelReward", "TERReward",
-    "build_reward", "builtin_reward", "builtin_rewards", "compute_scores", "get_references", "reward_name",
+    "BLEUReward",
+    "ChrFReward",
+    "CombinedReward",
+    "EvaluateMetricReward",
+    "LMLikelihoodReward",
+    "LengthPenalty",
+    "ROUGEReward",
+    "RepetitionPenalty",
+    "Reward",
+    "RewardError",
+    "RewardFunction",
+    "RewardModelReward",
+    "TERReward",
+    "build_reward",
+    "builtin_reward",
+    "builtin_rewards",
+    "compute_scores",
+    "get_references",
+    "reward_name",
 ]

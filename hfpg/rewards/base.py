@@ -5,14 +5,14 @@ from __future__ import annotations
 import functools
 import math
 import numbers
-from typing import Any, Callable, Protocol, Sequence, runtime_checkable
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
 from ..errors import RewardError
 
-__all__ = ["Reward", "RewardError", "RewardFunction", "check_scores", "compute_scores", "get_references",
-           "reward_name"]
+__all__ = ["Reward", "RewardError", "RewardFunction", "check_scores", "compute_scores", "get_references", "reward_name"]
 
 
 @runtime_checkable

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -31,9 +32,15 @@ class CombinedReward(Reward):
     trainer logs ``reward/<name>/mean`` and ``/std`` from them next to ``objective/scores`` (the total).
     """
 
-    def __init__(self, rewards: Mapping[Callable, float] | Sequence[tuple[Callable, float]],
-                 normalize: str = "none", clip: float | None = None, nonfinite: float | None = None,
-                 name: str = "combined", eps: float = 1e-8):
+    def __init__(
+        self,
+        rewards: Mapping[Callable, float] | Sequence[tuple[Callable, float]],
+        normalize: str = "none",
+        clip: float | None = None,
+        nonfinite: float | None = None,
+        name: str = "combined",
+        eps: float = 1e-8,
+    ):
         pairs = list(rewards.items()) if isinstance(rewards, Mapping) else list(rewards)
         if not pairs:
             raise ValueError("CombinedReward needs at least one (reward, weight)")

@@ -17,7 +17,7 @@ from typing import Any
 
 from .base import Reward, RewardError, get_column, get_references
 
-ROUGE_TYPES = tuple(f"rouge{n}" for n in range(1, 10)) + ("rougeL", "rougeLsum")
+ROUGE_TYPES = (*(f"rouge{n}" for n in range(1, 10)), "rougeL", "rougeLsum")
 ROUGE_MEASURES = ("precision", "recall", "fmeasure")
 
 
@@ -42,24 +42,39 @@ class BLEUReward(Reward):
     matching word scores 0, and so does an empty completion or reference.
     """
 
-    def __init__(self, references_column: str = "references", smooth_method: str = "exp",
-                 smooth_value: float | None = None, tokenize: str = "13a", lowercase: bool = False,
-                 use_effective_order: bool = True, scale: float = 0.01, name: str = "bleu"):
+    def __init__(
+        self,
+        references_column: str = "references",
+        smooth_method: str = "exp",
+        smooth_value: float | None = None,
+        tokenize: str = "13a",
+        lowercase: bool = False,
+        use_effective_order: bool = True,
+        scale: float = 0.01,
+        name: str = "bleu",
+    ):
         from sacrebleu.metrics import BLEU
         from sacrebleu.metrics.base import Metric
 
         _check_common("BLEUReward", references_column, scale)
         if smooth_method not in BLEU.SMOOTH_DEFAULTS:
-            raise ValueError(f"BLEUReward smooth_method must be one of {list(BLEU.SMOOTH_DEFAULTS)}, "
-                             f"got {smooth_method!r}")
+            raise ValueError(
+                f"BLEUReward smooth_method must be one of {list(BLEU.SMOOTH_DEFAULTS)}, got {smooth_method!r}"
+            )
         if smooth_value is not None and not (isinstance(smooth_value, numbers.Real) and smooth_value >= 0):
             raise ValueError(f"BLEUReward smooth_value must be None or a number >= 0, got {smooth_value!r}")
         if tokenize not in BLEU.TOKENIZERS:
             raise ValueError(f"BLEUReward tokenize must be one of {list(BLEU.TOKENIZERS)}, got {tokenize!r}")
         self.references_column, self.scale, self.name = references_column, scale, name
         # configured as sacrebleu.sentence_bleu configures its own (compat.py; force only silences a corpus warning)
-        self.bleu = BLEU(lowercase=lowercase, tokenize=tokenize, force=False, smooth_method=smooth_method,
-                         smooth_value=smooth_value, effective_order=use_effective_order)
+        self.bleu = BLEU(
+            lowercase=lowercase,
+            tokenize=tokenize,
+            force=False,
+            smooth_method=smooth_method,
+            smooth_value=smooth_value,
+            effective_order=use_effective_order,
+        )
         # BLEU.sentence_score = Metric.sentence_score plus a log line per call when effective_order is off
         self._sentence_score = functools.partial(Metric.sentence_score, self.bleu)
 
@@ -81,9 +96,18 @@ class ChrFReward(Reward):
     languages written without spaces.
     """
 
-    def __init__(self, references_column: str = "references", char_order: int = 6, word_order: int = 0,
-                 beta: int = 2, lowercase: bool = False, whitespace: bool = False, eps_smoothing: bool = False,
-                 scale: float = 0.01, name: str | None = None):
+    def __init__(
+        self,
+        references_column: str = "references",
+        char_order: int = 6,
+        word_order: int = 0,
+        beta: int = 2,
+        lowercase: bool = False,
+        whitespace: bool = False,
+        eps_smoothing: bool = False,
+        scale: float = 0.01,
+        name: str | None = None,
+    ):
         from sacrebleu.metrics import CHRF
 
         _check_common("ChrFReward", references_column, scale)
@@ -96,8 +120,14 @@ class ChrFReward(Reward):
             raise ValueError(f"ChrFReward beta must be a number >= 0, got {beta!r}")
         self.references_column, self.scale = references_column, scale
         self.name = name or ("chrf++" if word_order == 2 else "chrf")
-        self.chrf = CHRF(char_order=char_order, word_order=word_order, beta=beta, lowercase=lowercase,
-                         whitespace=whitespace, eps_smoothing=eps_smoothing)
+        self.chrf = CHRF(
+            char_order=char_order,
+            word_order=word_order,
+            beta=beta,
+            lowercase=lowercase,
+            whitespace=whitespace,
+            eps_smoothing=eps_smoothing,
+        )
 
     def __call__(self, prompts: list[str], completions: list[str], **columns: Any) -> list[float]:
         refs = get_references(columns, self.references_column, self.name, len(completions))
@@ -114,15 +144,23 @@ class TERReward(Reward):
     Case-insensitive unless ``case_sensitive``; several references: the closest one counts.
     """
 
-    def __init__(self, references_column: str = "references", normalized: bool = False, no_punct: bool = False,
-                 asian_support: bool = False, case_sensitive: bool = False, scale: float = 0.01,
-                 name: str = "ter"):
+    def __init__(
+        self,
+        references_column: str = "references",
+        normalized: bool = False,
+        no_punct: bool = False,
+        asian_support: bool = False,
+        case_sensitive: bool = False,
+        scale: float = 0.01,
+        name: str = "ter",
+    ):
         from sacrebleu.metrics import TER
 
         _check_common("TERReward", references_column, scale)
         self.references_column, self.scale, self.name = references_column, scale, name
-        self.ter = TER(normalized=normalized, no_punct=no_punct, asian_support=asian_support,
-                       case_sensitive=case_sensitive)
+        self.ter = TER(
+            normalized=normalized, no_punct=no_punct, asian_support=asian_support, case_sensitive=case_sensitive
+        )
 
     def __call__(self, prompts: list[str], completions: list[str], **columns: Any) -> list[float]:
         refs = get_references(columns, self.references_column, self.name, len(completions))
@@ -146,9 +184,16 @@ class ROUGEReward(Reward):
     with ``.tokenize(text) -> list[str]`` (e.g. a wrapper around a Hugging Face tokenizer) to fix that.
     """
 
-    def __init__(self, references_column: str = "references", rouge_type: str = "rougeL",
-                 measure: str = "fmeasure", use_stemmer: bool = False, split_summaries: bool = False,
-                 tokenizer=None, name: str | None = None):
+    def __init__(
+        self,
+        references_column: str = "references",
+        rouge_type: str = "rougeL",
+        measure: str = "fmeasure",
+        use_stemmer: bool = False,
+        split_summaries: bool = False,
+        tokenizer=None,
+        name: str | None = None,
+    ):
         from rouge_score.rouge_scorer import RougeScorer
 
         _check_common("ROUGEReward", references_column)
@@ -162,8 +207,9 @@ class ROUGEReward(Reward):
             _check_sentence_splitter()
         self.references_column, self.rouge_type, self.measure = references_column, rouge_type, measure
         self.name = name or (rouge_type if measure == "fmeasure" else f"{rouge_type}_{measure}")
-        self.scorer = RougeScorer([rouge_type], use_stemmer=use_stemmer, split_summaries=split_summaries,
-                                  tokenizer=tokenizer)
+        self.scorer = RougeScorer(
+            [rouge_type], use_stemmer=use_stemmer, split_summaries=split_summaries, tokenizer=tokenizer
+        )
 
     def __call__(self, prompts: list[str], completions: list[str], **columns: Any) -> list[float]:
         refs = get_references(columns, self.references_column, self.name, len(completions))
@@ -203,8 +249,15 @@ class EvaluateMetricReward(Reward):
     (BERTScore); write a batched reward function for those.
     """
 
-    def __init__(self, metric, references_column: str = "references", key: str | None = None, scale: float = 1.0,
-                 compute_kwargs: dict | None = None, name: str | None = None):
+    def __init__(
+        self,
+        metric,
+        references_column: str = "references",
+        key: str | None = None,
+        scale: float = 1.0,
+        compute_kwargs: dict | None = None,
+        name: str | None = None,
+    ):
         _check_common("EvaluateMetricReward", references_column)
         if not (isinstance(scale, numbers.Real) and math.isfinite(scale) and scale != 0):
             raise ValueError(f"EvaluateMetricReward scale must be a finite non-zero number, got {scale!r}")
@@ -215,8 +268,10 @@ class EvaluateMetricReward(Reward):
 
             metric = evaluate.load(metric)
         if not callable(getattr(metric, "compute", None)):
-            raise TypeError(f"EvaluateMetricReward metric must be an evaluate module or a name/path for "
-                             f"evaluate.load, got {type(metric).__name__}")
+            raise TypeError(
+                f"EvaluateMetricReward metric must be an evaluate module or a name/path for "
+                f"evaluate.load, got {type(metric).__name__}"
+            )
         self.metric, self.references_column, self.key, self.scale = metric, references_column, key, scale
         self.compute_kwargs = dict(compute_kwargs or {})
         self.name = name or getattr(metric, "name", None) or "evaluate"
@@ -232,8 +287,9 @@ class EvaluateMetricReward(Reward):
     def _pick(self, result, row: int):
         """The value of ``key`` (or the default entry) in the metric's result dict for ``row``."""
         if not isinstance(result, dict):
-            raise RewardError(f"reward {self.name!r}: metric.compute returned {type(result).__name__} for row {row}, "
-                              f"expected a dict")
+            raise RewardError(
+                f"reward {self.name!r}: metric.compute returned {type(result).__name__} for row {row}, expected a dict"
+            )
         key = self.key
         if key is None:
             numeric = [k for k, v in result.items() if _is_number(v)]
@@ -242,8 +298,10 @@ class EvaluateMetricReward(Reward):
             elif len(numeric) == 1:
                 key = numeric[0]
             else:
-                raise RewardError(f"reward {self.name!r}: the metric returned {sorted(result)} ({len(numeric)} "
-                                  f"numeric); pass key=<one of them> to choose the value to use")
+                raise RewardError(
+                    f"reward {self.name!r}: the metric returned {sorted(result)} ({len(numeric)} "
+                    f"numeric); pass key=<one of them> to choose the value to use"
+                )
         if key not in result:
             raise RewardError(f"reward {self.name!r}: key {key!r} is not in the metric's result {sorted(result)}")
         if not _is_number(result[key]):

@@ -69,8 +69,10 @@ class _ModelReward(Reward):
         elif isinstance(model, nn.Module):
             self.source, self.model = None, model
         else:
-            raise TypeError(f"{type(self).__name__}: model must be a Hub id, a local path or a loaded model, "
-                            f"got {type(model).__name__}")
+            raise TypeError(
+                f"{type(self).__name__}: model must be a Hub id, a local path or a loaded model, "
+                f"got {type(model).__name__}"
+            )
         if int(batch_size) < 1:
             raise ValueError(f"{type(self).__name__}: batch_size must be >= 1, got {batch_size}")
         self.tokenizer = os.fspath(tokenizer) if isinstance(tokenizer, os.PathLike) else tokenizer
@@ -89,8 +91,10 @@ class _ModelReward(Reward):
         if self.tokenizer is None or isinstance(self.tokenizer, str):
             tok_source = self.tokenizer or self.source or getattr(self.model, "name_or_path", None)
             if not tok_source:
-                raise ValueError(f"{type(self).__name__}: the model was given already loaded and has no "
-                                 f"name_or_path to load a tokenizer from; pass tokenizer=")
+                raise ValueError(
+                    f"{type(self).__name__}: the model was given already loaded and has no "
+                    f"name_or_path to load a tokenizer from; pass tokenizer="
+                )
             tok_kwargs = {k: v for k, v in self.model_kwargs.items() if k in _SHARED_KWARGS}
             self.tokenizer = AutoTokenizer.from_pretrained(tok_source, **tok_kwargs)
         self._after_load()
@@ -167,14 +171,23 @@ class LMLikelihoodReward(_ModelReward):
 
     _auto_class = AutoModelForCausalLM
 
-    def __init__(self, model="gpt2", tokenizer=None, condition_on_prompt: bool = True, output: str = "mean_logprob",
-                 batch_size: int = 16, max_length: int | None = None, model_kwargs: dict | None = None,
-                 name: str = "lm_likelihood"):
+    def __init__(
+        self,
+        model="gpt2",
+        tokenizer=None,
+        condition_on_prompt: bool = True,
+        output: str = "mean_logprob",
+        batch_size: int = 16,
+        max_length: int | None = None,
+        model_kwargs: dict | None = None,
+        name: str = "lm_likelihood",
+    ):
         if output not in LM_OUTPUTS:
             raise ValueError(f"LMLikelihoodReward output must be one of {LM_OUTPUTS}, got {output!r}")
         if max_length is not None and int(max_length) < 2:
-            raise ValueError(f"LMLikelihoodReward max_length must be >= 2 (one context + one scored token), "
-                             f"got {max_length}")
+            raise ValueError(
+                f"LMLikelihoodReward max_length must be >= 2 (one context + one scored token), got {max_length}"
+            )
         super().__init__(model, tokenizer, batch_size, model_kwargs, name)
         self.condition_on_prompt = bool(condition_on_prompt)
         self.output = output
@@ -199,14 +212,18 @@ class LMLikelihoodReward(_ModelReward):
         ctx = list(tok(prompt, add_special_tokens=True)["input_ids"]) if self.condition_on_prompt else []
         if not ctx:
             if self._bos is None:
-                raise RewardError(f"reward {self.name!r}: the scoring tokenizer has neither BOS nor EOS to start "
-                                  f"an empty context with")
+                raise RewardError(
+                    f"reward {self.name!r}: the scoring tokenizer has neither BOS nor EOS to start "
+                    f"an empty context with"
+                )
             ctx = [self._bos]
         target = list(tok(completion, add_special_tokens=False)["input_ids"])
         if not target:
             if self._eos is None:
-                raise RewardError(f"reward {self.name!r}: cannot score an empty completion as log p(EOS), the "
-                                  f"scoring tokenizer has no EOS token")
+                raise RewardError(
+                    f"reward {self.name!r}: cannot score an empty completion as log p(EOS), the "
+                    f"scoring tokenizer has no EOS token"
+                )
             target = [self._eos]
         if self._max_len is not None and len(ctx) + len(target) > self._max_len:
             ctx = ctx[-max(1, self._max_len - len(target)) :]
@@ -262,17 +279,29 @@ class RewardModelReward(_ModelReward):
 
     _auto_class = AutoModelForSequenceClassification
 
-    def __init__(self, model, tokenizer=None, output: str = "logit", label: int | str | None = None,
-                 input_format: str = "concat", batch_size: int = 16, max_length: int | None = 512,
-                 normalization: dict | str | os.PathLike | bool | None = None, model_kwargs: dict | None = None,
-                 name: str = "reward_model", truncation_side: str = "left"):
+    def __init__(
+        self,
+        model,
+        tokenizer=None,
+        output: str = "logit",
+        label: int | str | None = None,
+        input_format: str = "concat",
+        batch_size: int = 16,
+        max_length: int | None = 512,
+        normalization: dict | str | os.PathLike | bool | None = None,
+        model_kwargs: dict | None = None,
+        name: str = "reward_model",
+        truncation_side: str = "left",
+    ):
         if output not in RM_OUTPUTS:
             raise ValueError(f"RewardModelReward output must be one of {RM_OUTPUTS}, got {output!r}")
         if input_format not in INPUT_FORMATS:
             raise ValueError(f"RewardModelReward input_format must be one of {INPUT_FORMATS}, got {input_format!r}")
         if output == "logit" and label is not None:
-            raise ValueError(f"RewardModelReward: label={label!r} is only used with output='label_logit' or "
-                             f"'label_prob'; output='logit' reads the single logit of a one-output model")
+            raise ValueError(
+                f"RewardModelReward: label={label!r} is only used with output='label_logit' or "
+                f"'label_prob'; output='logit' reads the single logit of a one-output model"
+            )
         if output != "logit" and label is None:
             raise ValueError(f"RewardModelReward(output={output!r}) needs label=<index or name of the class>")
         if truncation_side not in ("left", "right"):
@@ -295,21 +324,26 @@ class RewardModelReward(_ModelReward):
         num_labels = int(getattr(config, "num_labels", 1))
         if self.output == "logit":
             if num_labels != 1:
-                raise ValueError(f"reward {self.name!r}: output='logit' needs a model with one output, this one has "
-                                 f"num_labels={num_labels} ({_label_names(config)}); choose output='label_logit' or "
-                                 f"'label_prob' with label=<index or name>")
+                raise ValueError(
+                    f"reward {self.name!r}: output='logit' needs a model with one output, this one has "
+                    f"num_labels={num_labels} ({_label_names(config)}); choose output='label_logit' or "
+                    f"'label_prob' with label=<index or name>"
+                )
             self._label_index = 0
             return
         label = self.label
         if isinstance(label, str):
             label2id = dict(getattr(config, "label2id", None) or {})
             if label not in label2id:
-                raise ValueError(f"reward {self.name!r}: unknown label {label!r}; the model's labels are "
-                                 f"{_label_names(config)}")
+                raise ValueError(
+                    f"reward {self.name!r}: unknown label {label!r}; the model's labels are {_label_names(config)}"
+                )
             label = label2id[label]
         if isinstance(label, bool) or not isinstance(label, int) or not 0 <= int(label) < num_labels:
-            raise ValueError(f"reward {self.name!r}: label {self.label!r} is not a class index in [0, {num_labels}) "
-                             f"nor a label name; the model's labels are {_label_names(config)}")
+            raise ValueError(
+                f"reward {self.name!r}: label {self.label!r} is not a class index in [0, {num_labels}) "
+                f"nor a label name; the model's labels are {_label_names(config)}"
+            )
         self._label_index = int(label)
 
     def _after_load(self) -> None:
@@ -319,8 +353,10 @@ class RewardModelReward(_ModelReward):
             config.pad_token_id = self._pad_id()
         self._pad = int(config.pad_token_id)
         if self.input_format == "chat" and not getattr(self.tokenizer, "chat_template", None):
-            raise ValueError(f"reward {self.name!r}: input_format='chat' needs a tokenizer with a chat template, "
-                             f"this one has none; set tokenizer.chat_template or use input_format='concat'")
+            raise ValueError(
+                f"reward {self.name!r}: input_format='chat' needs a tokenizer with a chat template, "
+                f"this one has none; set tokenizer.chat_template or use input_format='concat'"
+            )
         self._use_segments = bool(getattr(config, "type_vocab_size", 0))
         if self._auto_normalization and self.source is not None:
             path = os.path.join(self.source, NORMALIZATION_FILE)
@@ -355,8 +391,12 @@ class RewardModelReward(_ModelReward):
             if self.input_format == "pair":
                 return tok(prompts, completions, **kwargs)
             if self.input_format == "chat":
-                texts = [tok.apply_chat_template([{"role": "user", "content": p}, {"role": "assistant", "content": c}],
-                                                 tokenize=False) for p, c in zip(prompts, completions)]
+                texts = [
+                    tok.apply_chat_template(
+                        [{"role": "user", "content": p}, {"role": "assistant", "content": c}], tokenize=False
+                    )
+                    for p, c in zip(prompts, completions)
+                ]
                 return tok(texts, add_special_tokens=False, **kwargs)  # the template already holds special tokens
             texts = completions if self.input_format == "completion" else [p + c for p, c in zip(prompts, completions)]
             return tok(texts, **kwargs)
@@ -365,8 +405,10 @@ class RewardModelReward(_ModelReward):
         enc = self._encode(prompts, completions)
         input_ids = enc["input_ids"]
         if any(len(ids) == 0 for ids in input_ids):
-            raise RewardError(f"reward {self.name!r}: a text tokenised to no tokens (empty completion with "
-                              f"input_format={self.input_format!r} and a tokenizer that adds no special tokens)")
+            raise RewardError(
+                f"reward {self.name!r}: a text tokenised to no tokens (empty completion with "
+                f"input_format={self.input_format!r} and a tokenizer that adds no special tokens)"
+            )
         segments = enc.get("token_type_ids") if self._use_segments else None
         pad_segment = int(getattr(self.tokenizer, "pad_token_type_id", 0) or 0)
         out = [0.0] * len(input_ids)
@@ -394,13 +436,16 @@ class RewardModelReward(_ModelReward):
         if self._gather is not None:
             raw = self._gather(raw.to(self.device)).double().cpu()
         if raw.numel() < 2:
-            raise ValueError(f"reward {self.name!r}: fit_normalization needs at least 2 reference samples, "
-                             f"got {raw.numel()}")
+            raise ValueError(
+                f"reward {self.name!r}: fit_normalization needs at least 2 reference samples, got {raw.numel()}"
+            )
         moments = Moments.of(raw)
         mean, std = moments.mean, moments.std
         if not std > 0 or not math.isfinite(std):
-            raise ValueError(f"reward {self.name!r}: the reference samples' scores have std {std} (all {mean:.6g}?); "
-                             f"normalisation needs samples the reward model scores differently")
+            raise ValueError(
+                f"reward {self.name!r}: the reference samples' scores have std {std} (all {mean:.6g}?); "
+                f"normalisation needs samples the reward model scores differently"
+            )
         self.normalization = {"mean": mean, "std": std, "n": int(raw.numel())}
         return dict(self.normalization)
 
@@ -410,8 +455,11 @@ class RewardModelReward(_ModelReward):
             raise ValueError(f"reward {self.name!r} has no normalisation to save; call fit_normalization first")
         os.makedirs(path_dir, exist_ok=True)
         path = os.path.join(os.fspath(path_dir), NORMALIZATION_FILE)
-        data = {"mean": float(self.normalization["mean"]), "std": float(self.normalization["std"]),
-                "n": self.normalization.get("n")}
+        data = {
+            "mean": float(self.normalization["mean"]),
+            "std": float(self.normalization["std"]),
+            "n": self.normalization.get("n"),
+        }
         with open(path, "w") as f:
             json.dump(data, f, indent=2)
         return path
@@ -431,8 +479,10 @@ def _read_normalization(value) -> dict:
         with open(path) as f:
             value = json.load(f)
     if not isinstance(value, dict) or "mean" not in value or "std" not in value:
-        raise ValueError(f"reward normalization must be {{'mean': m, 'std': s}}, a path to a {NORMALIZATION_FILE} "
-                         f"or its folder, got {value!r}")
+        raise ValueError(
+            f"reward normalization must be {{'mean': m, 'std': s}}, a path to a {NORMALIZATION_FILE} "
+            f"or its folder, got {value!r}"
+        )
     mean, std = float(value["mean"]), float(value["std"])
     if not math.isfinite(mean) or not (math.isfinite(std) and std > 0):
         raise ValueError(f"reward normalization needs a finite mean and a std > 0, got mean={mean}, std={std}")

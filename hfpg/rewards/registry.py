@@ -36,8 +36,14 @@ from .shaping import LengthPenalty, RepetitionPenalty
 SPEC_KEYS = ("name", "weight", "kwargs", "label")
 
 BUILTINS = {  # YAML name -> class; the classes import their scoring libraries (sacrebleu, ...) only when built
-    "bleu": BLEUReward, "chrf": ChrFReward, "ter": TERReward, "rouge": ROUGEReward, "evaluate": EvaluateMetricReward,
-    "lm_likelihood": LMLikelihoodReward, "reward_model": RewardModelReward, "length_penalty": LengthPenalty,
+    "bleu": BLEUReward,
+    "chrf": ChrFReward,
+    "ter": TERReward,
+    "rouge": ROUGEReward,
+    "evaluate": EvaluateMetricReward,
+    "lm_likelihood": LMLikelihoodReward,
+    "reward_model": RewardModelReward,
+    "length_penalty": LengthPenalty,
     "repetition_penalty": RepetitionPenalty,
 }
 BUILTIN_NAMES = tuple(BUILTINS)
@@ -78,8 +84,10 @@ def spec_problems(specs: Any) -> list[str]:
         elif ":" not in name and name not in BUILTIN_NAMES:
             close = closest(name, BUILTIN_NAMES, cutoff=0.5)
             hint = f"did you mean {close!r}? " if close else ""
-            problems.append(f"{where}: unknown reward {name!r}; {hint}built-ins are {list(BUILTIN_NAMES)}, "
-                            f"or give module:function / path/to/file.py:function")
+            problems.append(
+                f"{where}: unknown reward {name!r}; {hint}built-ins are {list(BUILTIN_NAMES)}, "
+                f"or give module:function / path/to/file.py:function"
+            )
         weight = spec.get("weight", 1.0)
         if isinstance(weight, bool) or not isinstance(weight, (int, float)):
             problems.append(f"{where}: weight must be a number, got {weight!r}")
@@ -138,11 +146,17 @@ def build_reward_part(spec: dict | str, base_dir: str | None = None):
                 kwargs[key] = relative_to(kwargs[key], base_dir)
         model_kwargs = kwargs.get("model_kwargs") or {}
         model = kwargs.get("model")
-        if isinstance(model, str) and not model.startswith("pkg:") and not os.path.exists(model) \
-                and not is_hub_id(model):  # a local path that is not there (a Hub id downloads later)
-            raise ValueError(f"reward {spec.get('label') or name!r}: model folder {model!r} does not exist (relative "
-                             f"paths are tried from the working directory, then next to the recipe); train or "
-                             f"download it first")
+        if (
+            isinstance(model, str)
+            and not model.startswith("pkg:")
+            and not os.path.exists(model)
+            and not is_hub_id(model)
+        ):  # a local path that is not there (a Hub id downloads later)
+            raise ValueError(
+                f"reward {spec.get('label') or name!r}: model folder {model!r} does not exist (relative "
+                f"paths are tried from the working directory, then next to the recipe); train or "
+                f"download it first"
+            )
         if isinstance(model, str) and (model.startswith("pkg:") or model_kwargs.get("gguf_file")):
             if model_kwargs.get("gguf_file"):  # a GGUF scorer: de-quantised once, cached like the policy
                 kwargs["model"] = materialize_gguf(kwargs["model"], model_kwargs["gguf_file"])
@@ -171,8 +185,13 @@ class _Labelled:
         return getattr(self.fn, attr)
 
 
-def build_reward(specs: list, normalize: str = "none", clip: float | None = None, nonfinite: float | None = None,
-                 base_dir: str | None = None):
+def build_reward(
+    specs: list,
+    normalize: str = "none",
+    clip: float | None = None,
+    nonfinite: float | None = None,
+    base_dir: str | None = None,
+):
     """A :class:`CombinedReward` from a ``rewards:`` list (validated first, with every problem in one error)."""
     problems = spec_problems(specs)
     if not specs:
@@ -182,8 +201,9 @@ def build_reward(specs: list, normalize: str = "none", clip: float | None = None
     parts = []
     for i, spec in enumerate(specs):
         try:
-            parts.append((build_reward_part(spec, base_dir), float((spec if isinstance(spec, dict) else {})
-                                                                    .get("weight", 1.0))))
+            parts.append(
+                (build_reward_part(spec, base_dir), float((spec if isinstance(spec, dict) else {}).get("weight", 1.0)))
+            )
         except ValueError as e:
             raise ConfigError(f"rewards[{i}]: {e}") from None
     reward = CombinedReward(parts, normalize=normalize, clip=clip, nonfinite=nonfinite)

@@ -23,8 +23,9 @@ class LengthPenalty(Reward):
     Range (-inf, 0]. ``unit``: words (whitespace split), chars, or tokens (needs ``tokenizer``).
     """
 
-    def __init__(self, target: int, unit: str = "words", power: float = 1.0, tokenizer=None,
-                 name: str = "length_penalty"):
+    def __init__(
+        self, target: int, unit: str = "words", power: float = 1.0, tokenizer=None, name: str = "length_penalty"
+    ):
         if target <= 0:
             raise ValueError(f"LengthPenalty target must be > 0, got {target}")
         if unit not in UNITS:
@@ -36,8 +37,10 @@ class LengthPenalty(Reward):
         self.target, self.unit, self.power, self.tokenizer, self.name = target, unit, power, tokenizer, name
 
     def __call__(self, prompts: list[str], completions: list[str], **columns: Any) -> list[float]:
-        return [-((abs(_length(c, self.unit, self.tokenizer) - self.target) / self.target) ** self.power)
-                for c in completions]
+        return [
+            -((abs(_length(c, self.unit, self.tokenizer) - self.target) / self.target) ** self.power)
+            for c in completions
+        ]
 
 
 class RepetitionPenalty(Reward):

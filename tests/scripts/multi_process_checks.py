@@ -16,22 +16,43 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-import torch  # noqa: E402
-from conftest import make_tokenizer, tiny_gpt2  # noqa: E402
+import torch
+from conftest import make_tokenizer, tiny_gpt2
 
-from hfpg import AutoModelForCausalLMWithValueHead, PGConfig, PGTrainer, TrainerCallback  # noqa: E402
+from hfpg import AutoModelForCausalLMWithValueHead, PGConfig, PGTrainer, TrainerCallback
 
-PROMPTS = ["the cat", "a good day is here", "hello world", "policy gradient methods push", "a", "seven green frogs",
-           "the value head", "numbers like 1, 2"]
+PROMPTS = [
+    "the cat",
+    "a good day is here",
+    "hello world",
+    "policy gradient methods push",
+    "a",
+    "seven green frogs",
+    "the value head",
+    "numbers like 1, 2",
+]
 # Variants of one update on the same global batch. Batch sizes are global; every knob that needs a cross-process
 # reduction is on: score whitening, advantage whitening, token-count normalisation, gradient clipping (global norm),
 # gradient accumulation, two epochs, a value loss (PPO) and leave-one-out groups + KL as a loss (REINFORCE). 40 of
 # the 320 tokens stop a completion, so the two shards hold different numbers of tokens.
 VARIANTS = {
-    "ppo": dict(algorithm="ppo", ppo_epochs=2, gradient_accumulation_steps=2, score_scaling="whiten",
-                max_grad_norm=0.5, vf_coef=0.5),
-    "rloo": dict(algorithm="reinforce", advantage_estimator="returns", baseline="leave_one_out",
-                 num_samples_per_prompt=2, kl_penalty="loss", kl_estimator="k3", max_grad_norm=0.5),
+    "ppo": dict(
+        algorithm="ppo",
+        ppo_epochs=2,
+        gradient_accumulation_steps=2,
+        score_scaling="whiten",
+        max_grad_norm=0.5,
+        vf_coef=0.5,
+    ),
+    "rloo": dict(
+        algorithm="reinforce",
+        advantage_estimator="returns",
+        baseline="leave_one_out",
+        num_samples_per_prompt=2,
+        kl_penalty="loss",
+        kl_estimator="k3",
+        max_grad_norm=0.5,
+    ),
 }
 
 
@@ -70,9 +91,19 @@ def equivalence(out_dir: str, variant: str, lr: float = 0.5) -> dict:
     model = AutoModelForCausalLMWithValueHead.from_pretrained(tiny_gpt2(tok, seed=3))
     torch.nn.init.normal_(model.v_head.summary.weight, std=0.1)  # a non-zero value head: value terms matter
     opt = torch.optim.SGD(model.parameters(), lr=lr)
-    cfg = PGConfig(output_dir=os.path.join(out_dir, f"eq-{variant}"), max_steps=1, rollout_batch_size=8,
-                   mini_batch_size=8, max_new_tokens=6, report_to=[], disable_tqdm=True, kl_coef=0.1, seed=11,
-                   stop_token_ids=[*range(60, 100), tok.eos_token_id], **VARIANTS[variant])
+    cfg = PGConfig(
+        output_dir=os.path.join(out_dir, f"eq-{variant}"),
+        max_steps=1,
+        rollout_batch_size=8,
+        mini_batch_size=8,
+        max_new_tokens=6,
+        report_to=[],
+        disable_tqdm=True,
+        kl_coef=0.1,
+        seed=11,
+        stop_token_ids=[*range(60, 100), tok.eos_token_id],
+        **VARIANTS[variant],
+    )
     rows = [{"prompt": p} for p in PROMPTS]
     trainer = PGTrainer(model, tok, cfg, train_dataset=rows, reward_fn=length_reward, optimizers=(opt, None))
     acc = trainer.accelerator
@@ -87,8 +118,11 @@ def equivalence(out_dir: str, variant: str, lr: float = 0.5) -> dict:
     metrics = trainer.step()
     after = flat_params(trainer.unwrapped_model)
     torch.save({"before": before, "after": after}, os.path.join(out_dir, f"eq-{variant}.rank{acc.process_index}.pt"))
-    return {"metrics": metrics, "response_lengths": full.response_mask.sum(1).tolist(),
-            "num_processes": acc.num_processes}
+    return {
+        "metrics": metrics,
+        "response_lengths": full.response_mask.sum(1).tolist(),
+        "num_processes": acc.num_processes,
+    }
 
 
 class StopAt(TrainerCallback):
@@ -104,15 +138,31 @@ def learn(out_dir: str) -> dict:
     """A short RLOO run on the toy reward: the reward must rise on two processes as on one."""
     tok = make_tokenizer()
     reward = toy_reward(tok)
-    cfg = PGConfig(output_dir=os.path.join(out_dir, "learn"), max_steps=30, rollout_batch_size=32,
-                   mini_batch_size=16, algorithm="reinforce", advantage_estimator="returns", baseline="leave_one_out",
-                   num_samples_per_prompt=4, learning_rate=1e-2, max_new_tokens=8, kl_coef=0.01, report_to=[],
-                   disable_tqdm=True, save_steps=30)
+    cfg = PGConfig(
+        output_dir=os.path.join(out_dir, "learn"),
+        max_steps=30,
+        rollout_batch_size=32,
+        mini_batch_size=16,
+        algorithm="reinforce",
+        advantage_estimator="returns",
+        baseline="leave_one_out",
+        num_samples_per_prompt=4,
+        learning_rate=1e-2,
+        max_new_tokens=8,
+        kl_coef=0.01,
+        report_to=[],
+        disable_tqdm=True,
+        save_steps=30,
+    )
     rows = [{"prompt": p} for p in PROMPTS[:4]]
     trainer = PGTrainer(tiny_gpt2(tok), tok, cfg, train_dataset=rows, reward_fn=reward)
     trainer.train()
-    return {"scores": [r["objective/scores"] for r in trainer.log_history], "reward_calls": sorted(set(reward.calls)),
-            "history": trainer.log_history, "local_last_scores": trainer.last_rollout.scores.tolist()}
+    return {
+        "scores": [r["objective/scores"] for r in trainer.log_history],
+        "reward_calls": sorted(set(reward.calls)),
+        "history": trainer.log_history,
+        "local_last_scores": trainer.last_rollout.scores.tolist(),
+    }
 
 
 def resume(out_dir: str) -> dict:
@@ -120,13 +170,32 @@ def resume(out_dir: str) -> dict:
     tok = make_tokenizer()
 
     def run(sub: str, stop: int | None = None, resume_from=None):
-        cfg = PGConfig(output_dir=os.path.join(out_dir, sub), max_steps=4, save_steps=2, rollout_batch_size=8,
-                       mini_batch_size=4, ppo_epochs=2, learning_rate=1e-2, max_new_tokens=6, kl_coef=0.01,
-                       adaptive_kl=True, kl_target=0.5, kl_horizon=50, score_scaling="running_std", report_to=[],
-                       disable_tqdm=True)
+        cfg = PGConfig(
+            output_dir=os.path.join(out_dir, sub),
+            max_steps=4,
+            save_steps=2,
+            rollout_batch_size=8,
+            mini_batch_size=4,
+            ppo_epochs=2,
+            learning_rate=1e-2,
+            max_new_tokens=6,
+            kl_coef=0.01,
+            adaptive_kl=True,
+            kl_target=0.5,
+            kl_horizon=50,
+            score_scaling="running_std",
+            report_to=[],
+            disable_tqdm=True,
+        )
         rows = [{"prompt": p} for p in PROMPTS]
-        trainer = PGTrainer(tiny_gpt2(tok), tok, cfg, train_dataset=rows, reward_fn=length_reward,
-                            callbacks=[StopAt(stop)] if stop else None)
+        trainer = PGTrainer(
+            tiny_gpt2(tok),
+            tok,
+            cfg,
+            train_dataset=rows,
+            reward_fn=length_reward,
+            callbacks=[StopAt(stop)] if stop else None,
+        )
         trainer.train(resume_from_checkpoint=resume_from)
         return trainer
 
@@ -135,9 +204,12 @@ def resume(out_dir: str) -> dict:
     resumed = run("interrupted", resume_from=True)
     same = torch.equal(flat_params(straight.unwrapped_model), flat_params(resumed.unwrapped_model))
     keys = ("objective/scores", "objective/kl", "objective/kl_coef", "loss/policy", "lr")
-    return {"same_weights": same, "straight": [{k: r[k] for k in keys} for r in straight.log_history[2:]],
-            "resumed": [{k: r[k] for k in keys} for r in resumed.log_history],
-            "resumed_steps": [r["step"] for r in resumed.log_history]}
+    return {
+        "same_weights": same,
+        "straight": [{k: r[k] for k in keys} for r in straight.log_history[2:]],
+        "resumed": [{k: r[k] for k in keys} for r in resumed.log_history],
+        "resumed_steps": [r["step"] for r in resumed.log_history],
+    }
 
 
 def push(out_dir: str) -> dict:
@@ -152,10 +224,18 @@ def push(out_dir: str) -> dict:
         uploads.append({"repo_id": repo_id, "files": sorted(os.listdir(folder))})
         return f"https://huggingface.co/{repo_id}/commit/abc"
 
-    cfg = PGConfig(output_dir=os.path.join(out_dir, "push"), max_steps=1, rollout_batch_size=8, mini_batch_size=8,
-                   max_new_tokens=4, report_to=[], disable_tqdm=True)
-    trainer = PGTrainer(tiny_gpt2(tok), tok, cfg, train_dataset=[{"prompt": p} for p in PROMPTS],
-                        reward_fn=length_reward)
+    cfg = PGConfig(
+        output_dir=os.path.join(out_dir, "push"),
+        max_steps=1,
+        rollout_batch_size=8,
+        mini_batch_size=8,
+        max_new_tokens=4,
+        report_to=[],
+        disable_tqdm=True,
+    )
+    trainer = PGTrainer(
+        tiny_gpt2(tok), tok, cfg, train_dataset=[{"prompt": p} for p in PROMPTS], reward_fn=length_reward
+    )
     trainer.train()
     real, hub.push_folder = hub.push_folder, fake_push_folder
     try:

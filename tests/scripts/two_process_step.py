@@ -6,10 +6,10 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-import torch  # noqa: E402
-from conftest import make_tokenizer, tiny_gpt2  # noqa: E402
+import torch
+from conftest import make_tokenizer, tiny_gpt2
 
-from hfpg import PGConfig, PGTrainer  # noqa: E402
+from hfpg import PGConfig, PGTrainer
 
 out_dir = sys.argv[1]
 tok = make_tokenizer()
@@ -21,8 +21,17 @@ def length(prompts, completions, **kw):
     return [len(c) / 10 for c in completions]
 
 
-cfg = PGConfig(output_dir=os.path.join(out_dir, "run"), max_steps=1, rollout_batch_size=8, mini_batch_size=4,
-               ppo_epochs=1, max_new_tokens=6, report_to=["tensorboard"], disable_tqdm=True, learning_rate=1e-2)
+cfg = PGConfig(
+    output_dir=os.path.join(out_dir, "run"),
+    max_steps=1,
+    rollout_batch_size=8,
+    mini_batch_size=4,
+    ppo_epochs=1,
+    max_new_tokens=6,
+    report_to=["tensorboard"],
+    disable_tqdm=True,
+    learning_rate=1e-2,
+)
 trainer = PGTrainer(tiny_gpt2(tok), tok, cfg, train_dataset=rows, reward_fn=length)
 seen = {}
 original = trainer.make_rollout
@@ -39,8 +48,16 @@ trainer.train()
 acc = trainer.accelerator
 weights = torch.cat([p.detach().flatten() for p in trainer.unwrapped_model.parameters()])
 with open(os.path.join(out_dir, f"rank{acc.process_index}.json"), "w") as f:
-    json.dump({"num_processes": acc.num_processes, "distributed_type": str(acc.distributed_type),
-               "weights_sum": float(weights.double().sum()), "weights_head": weights[:50].tolist(), **seen}, f)
+    json.dump(
+        {
+            "num_processes": acc.num_processes,
+            "distributed_type": str(acc.distributed_type),
+            "weights_sum": float(weights.double().sum()),
+            "weights_head": weights[:50].tolist(),
+            **seen,
+        },
+        f,
+    )
 # after train(): collectives still work (the process group survives the trackers being closed)
 metrics = trainer.evaluate([{"prompt": "the cat sat", "row": i} for i in range(5)])
 trainer.save_model(os.path.join(out_dir, "final"))

@@ -9,26 +9,32 @@ import time
 from types import SimpleNamespace
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-import deepspeed  # noqa: E402
-import torch  # noqa: E402
-from accelerate.utils import DistributedType  # noqa: E402
-from conftest import make_tokenizer, tiny_gpt2  # noqa: E402
+import deepspeed
+import torch
+from accelerate.utils import DistributedType
+from conftest import make_tokenizer, tiny_gpt2
 
-from hfpg import AutoModelForCausalLMWithValueHead  # noqa: E402
-from hfpg.distributed import full_weights, sharding  # noqa: E402
+from hfpg import AutoModelForCausalLMWithValueHead
+from hfpg.distributed import full_weights, sharding
 
 deepspeed.init_distributed(dist_backend="gloo")
 rank = torch.distributed.get_rank()
 tok = make_tokenizer()
 reference = AutoModelForCausalLMWithValueHead.from_pretrained(tiny_gpt2(tok, seed=5)).eval()
 policy = AutoModelForCausalLMWithValueHead.from_pretrained(tiny_gpt2(tok, seed=5))
-ds_config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3,
-             "stage3_param_persistence_threshold": 0}, "optimizer": {"type": "SGD", "params": {"lr": 0.0}},
-             "zero_allow_untested_optimizer": True}
+ds_config = {
+    "train_micro_batch_size_per_gpu": 1,
+    "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+    "optimizer": {"type": "SGD", "params": {"lr": 0.0}},
+    "zero_allow_untested_optimizer": True,
+}
 engine, *_ = deepspeed.initialize(model=policy, model_parameters=policy.parameters(), config=ds_config)
 engine.eval()
-fake_acc = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, unwrap_model=lambda e: e.module,
-                           state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=3)))
+fake_acc = SimpleNamespace(
+    distributed_type=DistributedType.DEEPSPEED,
+    unwrap_model=lambda e: e.module,
+    state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=3)),
+)
 enc = tok(["the cat sat", "hello"], return_tensors="pt", padding=True, padding_side="left")
 kw = dict(max_new_tokens=32, do_sample=True, top_k=0, pad_token_id=tok.pad_token_id)
 torch.manual_seed(0)
@@ -46,7 +52,15 @@ with full_weights(engine, fake_acc) as full:
 t_gathered = time.perf_counter() - t0
 partitioned_after = all(p.numel() == 0 for p in engine.module.parameters())
 with open(os.path.join(sys.argv[1], f"zero3.rank{rank}.json"), "w") as f:
-    json.dump({"kind": sharding(fake_acc), "partitioned_before": partitioned_before, "gathered": gathered,
-               "partitioned_after": partitioned_after, "same_samples": torch.equal(expected, got),
-               "same_samples_layer_by_layer": torch.equal(expected, layer_by_layer),
-               "generate_s": {"layer_by_layer": t_layer_by_layer, "gathered_once": t_gathered}}, f)
+    json.dump(
+        {
+            "kind": sharding(fake_acc),
+            "partitioned_before": partitioned_before,
+            "gathered": gathered,
+            "partitioned_after": partitioned_after,
+            "same_samples": torch.equal(expected, got),
+            "same_samples_layer_by_layer": torch.equal(expected, layer_by_layer),
+            "generate_s": {"layer_by_layer": t_layer_by_layer, "gathered_once": t_gathered},
+        },
+        f,
+    )
