@@ -192,9 +192,9 @@ def test_each_epoch_draws_a_fresh_permutation_of_the_batch(tokenizer, tmp_path, 
     seen = []
     original = PPO._micro_step
 
-    def spy(self, model, accelerator, rollout, advantages, returns, idx, *args):
+    def spy(self, model, accelerator, rollout, advantages, returns, kl_coef, idx, *args):
         seen.append(idx.tolist())
-        return original(self, model, accelerator, rollout, advantages, returns, idx, *args)
+        return original(self, model, accelerator, rollout, advantages, returns, kl_coef, idx, *args)
 
     monkeypatch.setattr(PPO, "_micro_step", spy)
     trainer = make_trainer(tokenizer, tmp_path, max_steps=1, rollout_batch_size=8, mini_batch_size=2, ppo_epochs=3)

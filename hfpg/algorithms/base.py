@@ -72,21 +72,13 @@ class UpdateRule:
         raise NotImplementedError(f"{type(self).__name__} does not fuse the rollout's policy forward")
 
     def update(
-        self,
-        model,
-        optimizer,
-        scheduler,
-        accelerator,
-        rollout,
-        advantages: torch.Tensor,
-        returns: torch.Tensor,
-        kl_coef: float = 0.0,
-        first_forward: dict | None = None,
+        self, model, optimizer, scheduler, accelerator, rollout, advantages, returns, kl_coef=0.0, first_forward=None
     ) -> dict[str, float]:
         """Update the policy (and critic) from one batch; returns metrics averaged over every process.
 
-        rollout: the batch (fresh and replayed sequences); advantages, returns: (B, T); kl_coef: β of this step;
-        first_forward: the outputs of :meth:`training_forward` when :attr:`fuses_policy_forward`.
+        model, optimizer, scheduler: as prepared by the trainer's Accelerator; rollout: the batch (fresh and replayed
+        sequences); advantages, returns: (B, T) tensors; kl_coef: β of this step; first_forward: the outputs of
+        :meth:`training_forward` when :attr:`fuses_policy_forward`, else None.
         """
         raise NotImplementedError
 

@@ -10,6 +10,7 @@ of replayed samples — live here once.
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
@@ -67,16 +68,7 @@ class MinibatchPolicyGradient(UpdateRule):
 
     # ---- the loop ---------------------------------------------------------------------------------------------------
     def update(
-        self,
-        model,
-        optimizer,
-        scheduler,
-        accelerator,
-        rollout,
-        advantages: torch.Tensor,
-        returns: torch.Tensor,
-        kl_coef: float = 0.0,
-        first_forward: dict | None = None,
+        self, model, optimizer, scheduler, accelerator, rollout, advantages, returns, kl_coef=0.0, first_forward=None
     ) -> dict[str, float]:
         """``epochs`` × minibatches of optimizer steps. Returns global mean metrics.
 
@@ -91,6 +83,7 @@ class MinibatchPolicyGradient(UpdateRule):
         stats = MetricSums()
         deepspeed = is_deepspeed(accelerator)
         early_stopped, epochs_done, n_updates = False, 0, 0
+        micro_step = functools.partial(self._micro_step, model, accelerator, rollout, advantages, returns, kl_coef)
         model.train()
         for _epoch in range(self.epochs):
             perm = torch.randperm(B, device=b_mask.device)  # fresh permutation every epoch
@@ -110,19 +103,10 @@ class MinibatchPolicyGradient(UpdateRule):
                     if first_forward is not None:  # the rows of idx, from the forward that is already done
                         out, first_forward = {k: v[idx] for k, v in first_forward.items()}, None
                     with sync:
-                        self._micro_step(
-                            model,
-                            accelerator,
-                            rollout,
-                            advantages,
-                            returns,
-                            idx,
-                            normaliser,
-                            kl_coef,
-                            stats,
-                            mb_approx_kl,
-                            out,
-                        )
+                        sums = micro_step(idx, normaliser, out)
+                    for name, (total, count) in sums.items():
+                        stats.add(name, total, count)
+                    mb_approx_kl.add("approx_kl", *sums["policy/approxkl"])
                 if cfg.max_grad_norm is not None:
                     # DeepSpeed clips inside its engine step and returns the norm it measured
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
@@ -154,19 +138,10 @@ class MinibatchPolicyGradient(UpdateRule):
         return metrics
 
     def _micro_step(
-        self,
-        model,
-        accelerator,
-        rollout,
-        advantages,
-        returns,
-        idx,
-        normaliser,
-        kl_coef,
-        stats: MetricSums,
-        mb_approx_kl: MetricSums,
-        out: dict | None = None,
-    ) -> None:
+        self, model, accelerator, rollout, advantages, returns, kl_coef, idx, normaliser, out=None
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Loss of the rows ``idx`` (their forward, unless ``out`` holds it), backward. Returns ``{metric: (sum over
+        real tokens, real tokens)}`` of this micro-batch."""
         cfg = self.config
         mask = rollout.response_mask[idx]
         need_entropy = cfg.ent_coef > 0
@@ -194,8 +169,5 @@ class MinibatchPolicyGradient(UpdateRule):
         accelerator.backward(loss)
         with torch.no_grad():
             n = mask.sum().float()
-            akl = ops.approx_kl(out["logprobs"].detach(), rollout.logprobs[idx])
-            stats.add("policy/approxkl", ops.masked_sum(akl, mask), n)
-            for name, value in pstats.items():
-                stats.add(name, ops.masked_sum(value, mask), n)
-            mb_approx_kl.add("approx_kl", ops.masked_sum(akl, mask), n)
+            pstats["policy/approxkl"] = ops.approx_kl(out["logprobs"].detach(), rollout.logprobs[idx])
+            return {name: (ops.masked_sum(value, mask), n) for name, value in pstats.items()}

@@ -92,16 +92,7 @@ class TRPO(UpdateRule):
 
     # ---- the update -------------------------------------------------------------------------------------------------
     def update(
-        self,
-        model,
-        optimizer,
-        scheduler,
-        accelerator,
-        rollout,
-        advantages: torch.Tensor,
-        returns: torch.Tensor,
-        kl_coef: float = 0.0,
-        first_forward: dict | None = None,
+        self, model, optimizer, scheduler, accelerator, rollout, advantages, returns, kl_coef=0.0, first_forward=None
     ) -> dict[str, float]:
         """One trust-region step of the trainable policy weights (``optimizer`` and ``scheduler`` are not used: the
         step is the natural gradient's), then the value-head fit."""
