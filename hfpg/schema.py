@@ -110,7 +110,8 @@ def loadable_fields(cls) -> list[dataclasses.Field]:
 
 def to_dict(obj) -> dict[str, Any]:
     """The loadable fields of a dataclass instance as plain data (what :func:`build` reads back)."""
-    return {f.name: dataclasses.asdict(obj)[f.name] for f in loadable_fields(type(obj))}
+    data = dataclasses.asdict(obj)
+    return {f.name: data[f.name] for f in loadable_fields(type(obj))}
 
 
 def coerce(key: str, value: Any, annotation: Any) -> tuple[Any, str | None]:
