@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import torchrun
 
 SCRIPT = Path(__file__).parent / "scripts" / "two_process_step.py"
 
@@ -18,18 +18,7 @@ SCRIPT = Path(__file__).parent / "scripts" / "two_process_step.py"
 def two_ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "true"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        str(SCRIPT),
-        str(out),
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    torchrun(str(SCRIPT), str(out), env=env)
     return [{**json.loads((out / f"rank{r}.json").read_text()), "out_dir": str(out)} for r in (0, 1)]
 
 
@@ -66,19 +55,7 @@ CHECKS = Path(__file__).parent / "scripts" / "multi_process_checks.py"
 def _torchrun(mode: str, out: Path) -> list[dict]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     env.pop("ACCELERATE_USE_CPU", None)  # plain torchrun on a CPU machine must form the group by itself
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        str(CHECKS),
-        mode,
-        str(out),
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    torchrun(str(CHECKS), mode, str(out), env=env, timeout=600)
     return [json.loads((out / f"{mode}.rank{r}.json").read_text()) for r in (0, 1)]
 
 
@@ -170,20 +147,7 @@ def test_a_recipe_runs_under_torchrun_with_two_processes(tmp_path):
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     env.pop("ACCELERATE_USE_CPU", None)
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "hfpg",
-        "train",
-        "tiny.yaml",
-    ]
-    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = torchrun("-m", "hfpg", "train", "tiny.yaml", env=env, cwd=tmp_path)
     assert proc.stdout.count("hfpg: run finished") == 1  # the summary comes from rank 0 only
     out = tmp_path / "out"
     for name in (

@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from accelerate.utils import DistributedType
+from conftest import torchrun
 
 from hfpg import PGConfig
 from hfpg.algorithms import build_algorithm
@@ -166,18 +167,7 @@ def test_python_dash_m_hfpg_is_the_cli():
 # ---- real sharded policies on CPU (2 processes, gloo) --------------------------------------------------------------
 def _torchrun(script: Path, out: Path, extra_env: dict | None = None) -> list[dict]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(extra_env or {})}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        str(script),
-        str(out),
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    torchrun(str(script), str(out), env=env)
     prefix = script.stem.split("_")[0]
     return [json.loads((out / f"{prefix}.rank{r}.json").read_text()) for r in (0, 1)]
 
