@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: help venv install lint format test test-slow test-all test-deepspeed demo rm-demo bench bench-floor bench-peft bench-trl clean
+.PHONY: help venv install lint format test test-slow test-all test-deepspeed test-trl-compat demo rm-demo bench bench-floor bench-peft bench-trl clean
 
 help:
 	@echo "make test       create .venv, install hfpg[dev], lint (ruff check + format --check), run the fast tests"
@@ -22,6 +22,7 @@ help:
 	@echo "make bench-floor PPO step vs its floor (generate + reference forward + forward/backward per epoch), ~1 min"
 	@echo "make bench-peft peak memory and step time of PPO with and without LoRA (SmolLM2-135M, about 3 min)"
 	@echo "make bench-trl  hfpg vs TRL RLOO/GRPO trainers at equal work: step time, memory (creates .venv-peers, ~2 min)"
+	@echo "make test-trl-compat  TRL 1.16's own reward functions, unchanged, through PGTrainer (in .venv-peers, ~2 min)"
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -103,6 +104,15 @@ $(PEERS_VENV)/.installed: $(VENV)/.installed
 
 bench-trl: $(VENV)/.installed $(PEERS_VENV)/.installed
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_trl.py --peers-python $(PEERS_PY) $(BENCH_TRL_ARGS)
+
+# TRL's own reward functions through hfpg: hfpg (with its test extras) and math-verify, which TRL's accuracy rewards
+# need, go into the peers environment; HFPG_REQUIRE_TRL=1 makes a missing TRL a failure, not a skip.
+$(PEERS_VENV)/.installed-compat: $(PEERS_VENV)/.installed pyproject.toml
+	$(PEERS_PY) -m pip install --quiet math-verify -e ".[dev]" $(PEERS_PINS)
+	touch $@
+
+test-trl-compat: $(PEERS_VENV)/.installed-compat
+	HF_HUB_OFFLINE=1 HFPG_REQUIRE_TRL=1 $(PEERS_PY) -m pytest tests/test_trl_compat.py $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) $(PEERS_VENV) build *.egg-info .pytest_cache

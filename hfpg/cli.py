@@ -15,7 +15,7 @@ from . import __version__
 from .config import PGConfig
 from .errors import ConfigError, DataError, HubError, RewardError
 from .hub import push_model_folder
-from .recipe import load_prompts, load_recipe, load_tokenizer_and_model
+from .recipe import load_models, load_prompts, load_recipe, load_tokenizer
 from .reward_modeling import RMConfig, train_reward_model
 from .runner import train_recipe
 from .trainer import PGTrainer
@@ -64,8 +64,10 @@ def _eval(args) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     if args.model:
         recipe.model.name_or_path, recipe.model.gguf_file, recipe.model.peft = args.model, None, None
-    tokenizer, model, ref = load_tokenizer_and_model(recipe.model)
-    train, evals = load_prompts(recipe.data, tokenizer, recipe.base_dir, recipe.training.seed)
+    cfg = recipe.training
+    tokenizer = load_tokenizer(recipe.model)
+    train, evals = load_prompts(recipe.data, tokenizer, recipe.base_dir, cfg.seed, cfg.chat_template_kwargs)
+    model, ref = load_models(recipe.model, with_reference=cfg.kl_coef > 0)
     recipe.training.report_to = []
     trainer = PGTrainer(model, tokenizer, recipe.training, train_dataset=train, eval_dataset=evals, ref_model=ref)
     metrics = trainer.evaluate(evals if evals is not None else train)

@@ -12,7 +12,7 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -20,6 +20,7 @@ from .algorithms import ALGORITHMS, rule_class
 from .errors import ConfigError
 from .rewards.registry import spec_problems
 from .schema import apply_overrides, build_or_raise, folder_of, format_problems, loadable_fields, read_yaml, to_dict
+from .trl_names import TRL_KEY_HINTS
 
 __all__ = ["ConfigError", "PGConfig"]
 
@@ -34,6 +35,8 @@ def _f(default, help: str, **kw):
 @dataclass
 class PGConfig:
     """Hyperparameters of a policy-gradient run. Batch sizes count sequences (prompt + completion)."""
+
+    KEY_HINTS: ClassVar[dict] = TRL_KEY_HINTS  # TRL's names -> the hfpg setting, shown for those unknown keys
 
     # --- run --------------------------------------------------------------------------------------------------
     output_dir: str = _f("outputs/hfpg", "Where metrics, TensorBoard logs, checkpoints and the final model go.")
@@ -89,6 +92,9 @@ class PGConfig:
 
     # --- PPO ----------------------------------------------------------------------------------------------------
     clip_range: float = _f(0.2, "PPO ratio clip ε: the surrogate uses clip(r, 1-ε, 1+ε).")
+    clip_range_high: float | None = _f(
+        None, "Upper ratio clip ε_high: clip(r, 1-ε, 1+ε_high), DAPO's clip-higher (None = clip_range)."
+    )
     clip_range_value: float = _f(0.2, "Value clip ε_v around the rollout's values.")
     vf_coef: float = _f(0.1, "Weight of the value loss.")
     ent_coef: float = _f(0.0, "Weight of the entropy bonus (0 = off).")
@@ -121,7 +127,9 @@ class PGConfig:
         "Where KL to the reference goes: reward (per-token penalty) | loss (a loss term, k1/k2/k3).",
         choices=("reward", "loss"),
     )
-    kl_coef: float = _f(0.05, "Initial β of the per-token penalty -β·KL(policy || reference).")
+    kl_coef: float = _f(
+        0.05, "Initial β of the per-token penalty -β·KL(policy || reference); 0 = no reference model at all."
+    )
     kl_estimator: str = _f("k1", "Per-token KL estimator.", choices=("k1", "k2", "k3"))
     adaptive_kl: bool = _f(False, "Adapt β towards kl_target (Ziegler et al. 2019).")
     kl_target: float = _f(6.0, "Target sequence-level KL (nats) for the adaptive controller.")
@@ -143,6 +151,9 @@ class PGConfig:
     rewards: list = _f(
         [], "Rewards as [{name: bleu | module:function | file.py:function, weight: 1.0, kwargs: {...}, label: ...}]."
     )
+    reward_weights: list[float] | None = _f(
+        None, "Weights of a list of reward functions given in Python (reward_fn=[f1, f2]); None = 1 each."
+    )
     reward_normalize: str = _f(
         "none",
         "Per-reward normalisation before weighting: none | batch (z-score) | running (running mean/std).",
@@ -162,6 +173,9 @@ class PGConfig:
     min_p: float | None = _f(None, "Drop tokens below min_p × the top token's probability (None = off).")
     stop_token_ids: list[int] | None = _f(
         None, "Token ids that end a completion (None = the tokenizer's EOS). Later tokens become padding."
+    )
+    chat_template_kwargs: dict = _f(
+        {}, "Extra arguments for the tokenizer's chat template when prompts are message lists (e.g. enable_thinking)."
     )
     max_prompt_length: int | None = _f(
         None, "Keep only the last N prompt tokens (None = no truncation; too-long prompts are an error)."
@@ -291,6 +305,22 @@ class PGConfig:
         if not 0.0 <= self.baseline_ema < 1.0:
             p.append(f"baseline_ema={self.baseline_ema!r} must lie in [0, 1)")
         p.extend(self.algorithm_problems())
+        if self.clip_range_high is not None and not self.clip_range_high > 0:
+            p.append(f"clip_range_high={self.clip_range_high!r} must be > 0 or null (null = clip_range)")
+        if self.adaptive_kl and self.kl_coef == 0:
+            p.append(
+                "adaptive_kl=true multiplies kl_coef, which stays 0: set kl_coef > 0 (e.g. 0.05) or adaptive_kl=false"
+            )
+        if self.reward_weights is not None:
+            if not isinstance(self.reward_weights, list) or not all(
+                isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w)
+                for w in self.reward_weights
+            ):
+                p.append(f"reward_weights={self.reward_weights!r} must be a list of finite numbers, one per reward")
+            elif self.rewards:
+                p.append("reward_weights applies to reward functions passed in Python; in rewards: give each a weight")
+        if not isinstance(self.chat_template_kwargs, dict):
+            p.append(f"chat_template_kwargs={self.chat_template_kwargs!r} must be a mapping")
         if self.reward_clip is not None and self.reward_clip <= 0:
             p.append(f"reward_clip={self.reward_clip!r} must be > 0 or null")
         p.extend(spec_problems(self.rewards))
@@ -404,7 +434,7 @@ class PGConfig:
         for f in loadable_fields(cls):
             lines.append(f"# {f.metadata['help']}")
             default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-            lines.append(yaml.safe_dump({f.name: default}, default_flow_style=True, width=1000).strip().strip("{}"))
+            lines.append(yaml.safe_dump({f.name: default}, default_flow_style=True, width=1000).strip()[1:-1])
         return "\n".join(lines) + "\n"
 
 

@@ -4,14 +4,27 @@ each global batch over processes."""
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 import torch
 
+from .chat import check_chat_template, prompt_kind, render
 from .errors import ConfigError, DataError
 from .sources import relative_to
 
-__all__ = ["DataError", "PromptSampler", "Rows", "as_dataset", "check_prompts", "load_splits"]
+__all__ = [
+    "DataError",
+    "PromptSampler",
+    "Rows",
+    "StreamSampler",
+    "as_dataset",
+    "check_prompt_format",
+    "check_prompts",
+    "is_stream",
+    "load_splits",
+    "make_sampler",
+]
 
 # a local file named as a dataset path (`path: prompts.jsonl`) is read by the load_dataset builder of its type
 FILE_BUILDERS = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet", "txt": "text"}
@@ -88,9 +101,25 @@ class Rows:
         return f"Rows(num_rows={len(self)}, column_names={self.column_names})"
 
 
-def as_dataset(data, name: str):
-    """Accept a ``datasets.Dataset`` (used as it is), a list of dicts or a dict of lists (kept as :class:`Rows`)."""
+def is_stream(data) -> bool:
+    """Whether ``data`` is a ``datasets.IterableDataset`` (streamed rows: no length, no indexing)."""
+    datasets = sys.modules.get("datasets")  # not imported: it cannot be one, and Rows users never import it
+    return datasets is not None and isinstance(data, datasets.IterableDataset)
+
+
+def as_dataset(data, name: str, allow_stream: bool | None = None):
+    """Accept a ``datasets.Dataset`` (used as it is), a list of dicts or a dict of lists (kept as :class:`Rows`), and
+    for training (``allow_stream``, by default unless ``name`` starts with "eval") a ``datasets.IterableDataset``."""
     if data is None or isinstance(data, Rows):
+        return data
+    if is_stream(data):
+        if allow_stream is None:
+            allow_stream = not name.startswith("eval")
+        if not allow_stream:
+            raise DataError(
+                f"{name} is a datasets.IterableDataset (a stream); evaluation needs a fixed set of prompts. "
+                f"Materialise a slice of it, e.g. {name}=Dataset.from_list(list(stream.take(n)))"
+            )
         return data
     if isinstance(data, list):
         if data and not all(isinstance(r, dict) for r in data):
@@ -104,11 +133,31 @@ def as_dataset(data, name: str):
         return Rows([{k: v[i] for k, v in data.items()} for i in range(n)])
     import datasets
 
-    if isinstance(data, datasets.DatasetDict):
+    if isinstance(data, (datasets.DatasetDict, datasets.IterableDatasetDict)):
         raise DataError(f"{name} is a DatasetDict with splits {list(data)}; pass one split, e.g. {name}=ds['train']")
     if isinstance(data, datasets.Dataset):
         return data
-    raise DataError(f"{name} must be a datasets.Dataset, a list of dicts or a dict of lists, not {type(data).__name__}")
+    stream = " (or, to train on, a datasets.IterableDataset)" if allow_stream is not False else ""
+    raise DataError(
+        f"{name} must be a datasets.Dataset, a list of dicts or a dict of lists{stream}, not {type(data).__name__}"
+    )
+
+
+def check_prompt_format(dataset, name: str, prompt_column: str, tokenizer=None) -> str:
+    """Fail early, naming the rows, on an empty dataset, a missing column, prompts that are neither strings nor message
+    lists (or a mix), malformed messages, or messages with a tokenizer that has no chat template. Returns the kind:
+    ``"text"`` or ``"messages"``."""
+    if len(dataset) == 0:
+        raise DataError(f"{name} is empty (0 rows); give it at least one prompt")
+    if prompt_column not in dataset.column_names:
+        raise DataError(
+            f"{name} has no column {prompt_column!r}; its columns are {dataset.column_names}. "
+            f"Rename a column or set prompt_column=<name>"
+        )
+    kind = prompt_kind(dataset[prompt_column], name)
+    if kind == "messages" and tokenizer is not None:
+        check_chat_template(tokenizer, name)
+    return kind
 
 
 def check_prompts(
@@ -119,25 +168,16 @@ def check_prompts(
     max_prompt_length: int | None,
     max_new_tokens: int,
     context_length: int | None,
+    chat_template_kwargs: dict | None = None,
 ) -> None:
-    """Fail early, naming the rows, on an empty dataset, a missing column, non-text or over-long prompts."""
-    if len(dataset) == 0:
-        raise DataError(f"{name} is empty (0 rows); give it at least one prompt")
-    if prompt_column not in dataset.column_names:
-        raise DataError(
-            f"{name} has no column {prompt_column!r}; its columns are {dataset.column_names}. "
-            f"Rename a column or set prompt_column=<name>"
-        )
+    """:func:`check_prompt_format`, then empty or over-long prompts (conversational ones as rendered), naming rows."""
+    kind = check_prompt_format(dataset, name, prompt_column, tokenizer)
     prompts = dataset[prompt_column]
-    not_text = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
-    if not_text:
-        i = not_text[0]
-        raise DataError(
-            f"{name} row {i}: prompt must be a string, got {type(prompts[i]).__name__} ({len(not_text)} such rows)"
-        )
+    if kind == "messages":
+        prompts = render(tokenizer, prompts, chat_template_kwargs)
     lengths = []
     for start in range(0, len(prompts), 1024):
-        enc = tokenizer(prompts[start : start + 1024], add_special_tokens=True)["input_ids"]
+        enc = tokenizer(prompts[start : start + 1024], add_special_tokens=kind == "text")["input_ids"]
         lengths.extend(len(ids) for ids in enc)
     empty = [i for i, n in enumerate(lengths) if n == 0]
     if empty:
@@ -161,13 +201,19 @@ def check_prompts(
 
 class PromptSampler:
     """Draws global batches of row indices: a fresh seeded permutation per pass over the data, consecutive slices of
-    it per step (wrapping into the next pass), and each process keeps its contiguous share. Checkpointable."""
+    it per step (wrapping into the next pass), and each process keeps its contiguous share. Checkpointable.
 
-    def __init__(self, num_rows: int, global_batch: int, seed: int, process_index: int = 0, num_processes: int = 1):
+    With ``dataset`` (anything indexed like a ``datasets.Dataset``: ``dataset[indices]`` -> dict of lists),
+    :meth:`next_rows` gives this process's rows themselves."""
+
+    def __init__(
+        self, num_rows: int, global_batch: int, seed: int, process_index: int = 0, num_processes: int = 1, dataset=None
+    ):
         if global_batch % num_processes:
             raise ConfigError(f"rollout_batch_size={global_batch} must be a multiple of num_processes={num_processes}")
         self.num_rows, self.global_batch, self.seed = num_rows, global_batch, seed
         self.process_index, self.num_processes = process_index, num_processes
+        self.dataset = dataset
         self.epoch, self.offset = 0, 0
 
     def _perm(self, epoch: int) -> torch.Tensor:
@@ -191,6 +237,14 @@ class PromptSampler:
         share = self.global_batch // self.num_processes
         return indices[self.process_index * share : (self.process_index + 1) * share]
 
+    def next_rows(self) -> list[dict]:
+        """This process's rows of the next global batch, one dict per row."""
+        if self.dataset is None:
+            raise ValueError("PromptSampler.next_rows needs the dataset: PromptSampler(..., dataset=ds)")
+        indices = self.next_local()
+        columns = self.dataset[indices]
+        return [{k: v[i] for k, v in columns.items()} for i in range(len(indices))]
+
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "offset": self.offset, "seed": self.seed, "num_rows": self.num_rows}
 
@@ -201,3 +255,97 @@ class PromptSampler:
                 f"{self.num_rows}; resume with the same train_dataset"
             )
         self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
+
+
+class StreamSampler:
+    """Rows of a ``datasets.IterableDataset`` per step: each process reads its own part of the stream
+    (``datasets.distributed.split_dataset_by_node``: whole shards when their number divides evenly, else every
+    ``num_processes``-th row) and takes ``global_batch // num_processes`` rows a step. An exhausted stream starts a
+    new pass (``set_epoch(epoch)``, which reshuffles a ``.shuffle()``-d stream), wrapping mid-step as
+    :class:`PromptSampler` does.
+
+    Checkpointable through the dataset's own resumable iteration (``IterableDataset.state_dict``): a resumed run
+    continues with the next unseen rows, within the limits datasets documents (a shuffle buffer's rows may be
+    refilled with others). Under torch.distributed, :meth:`state_dict` gathers every process's position (a
+    collective: every process calls it, as ``Accelerator.save_state`` does), so the main process's checkpoint file
+    resumes them all. ``seed`` is recorded only: the stream's order is its own (shuffle it with
+    ``stream.shuffle(seed=..., buffer_size=...)``)."""
+
+    def __init__(self, dataset, global_batch: int, seed: int, process_index: int = 0, num_processes: int = 1):
+        if global_batch % num_processes:
+            raise ConfigError(f"rollout_batch_size={global_batch} must be a multiple of num_processes={num_processes}")
+        from datasets.distributed import split_dataset_by_node
+
+        self.global_batch, self.seed = global_batch, seed
+        self.process_index, self.num_processes = process_index, num_processes
+        # a new IterableDataset even for one process: set_epoch / load_state_dict leave the caller's object alone
+        self.stream = split_dataset_by_node(dataset, rank=process_index, world_size=num_processes)
+        self.epoch = 0
+        self._iterator = None
+
+    def next_rows(self) -> list[dict]:
+        """This process's ``global_batch // num_processes`` rows for the next step."""
+        share = self.global_batch // self.num_processes
+        out: list[dict] = []
+        # a resumed pass may have nothing left, so only two passes in a row without a row mean an empty stream
+        empty_passes, drawn = 0, 1  # an iterator carried over from the last step has drawn rows
+        while len(out) < share:
+            if self._iterator is None:
+                self.stream.set_epoch(self.epoch)
+                self._iterator, drawn = iter(self.stream), 0
+            try:
+                out.append(dict(next(self._iterator)))
+                drawn = 1
+                empty_passes = 0
+            except StopIteration:
+                self._iterator = None
+                self.epoch += 1
+                empty_passes += 1 - drawn
+                if empty_passes >= 2:
+                    where = "the stream yields no rows; check the dataset's split, data files and filters"
+                    if self.num_processes > 1:
+                        where = (
+                            f"process {self.process_index} of {self.num_processes} gets no rows of the stream; check "
+                            f"that it has rows (split, data files, filters) and at least one row or shard per process"
+                        )
+                    raise DataError(f"train_dataset: {where}") from None
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        local = {"epoch": self.epoch, "dataset": self.stream.state_dict()}
+        return {
+            **local,
+            "seed": self.seed,
+            "num_processes": self.num_processes,
+            "processes": _gather_objects(local, self.num_processes),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("num_processes", self.num_processes) != self.num_processes:
+            raise DataError(
+                f"the checkpoint was made with {state['num_processes']} processes, each reading its own part of the "
+                f"stream; resume with the same number of processes ({self.num_processes} now)"
+            )
+        local = (state.get("processes") or [state] * self.num_processes)[self.process_index]
+        self.epoch = int(local["epoch"])
+        self.stream.set_epoch(self.epoch)
+        self.stream.load_state_dict(local["dataset"])  # applied when the next pass of this epoch starts
+        self._iterator = None
+
+
+def _gather_objects(obj, num_processes: int) -> list | None:
+    """``obj`` of every process (under an initialised torch.distributed with several processes), else None."""
+    import torch.distributed as dist
+
+    if num_processes < 2 or not (dist.is_available() and dist.is_initialized()):
+        return None
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def make_sampler(dataset, global_batch: int, seed: int, process_index: int = 0, num_processes: int = 1):
+    """A :class:`StreamSampler` for a ``datasets.IterableDataset``, else a :class:`PromptSampler` over ``dataset``."""
+    if is_stream(dataset):
+        return StreamSampler(dataset, global_batch, seed, process_index, num_processes)
+    return PromptSampler(len(dataset), global_batch, seed, process_index, num_processes, dataset=dataset)

@@ -19,7 +19,8 @@
 Stages 1–2 run inside the reward (so the logged ``reward/<part>/mean`` are raw scores and ``objective/scores`` the
 combined total), 3–5 here (``objective/scores_shaped``), 6–9 in the advantages. Every statistic is over the global
 batch (all processes) and follows :mod:`hfpg.stats`' convention (Bessel-corrected variance); whitening counts real
-tokens only. By default only stage 9 is on.
+tokens only. By default only stage 9 is on. A sample no reward applied to (every part returned None: unscorable) is
+left out of every statistic from stage 3 on and gets advantage 0.
 """
 
 from __future__ import annotations
@@ -40,14 +41,18 @@ class ScoreShaper:
         self.moments = RunningMoments()
 
     @torch.no_grad()
-    def __call__(self, scores: torch.Tensor, has_stop: torch.Tensor, accelerator=None) -> torch.Tensor:
-        """scores: (B,) from the reward function, has_stop: (B,) bool -> (B,) shaped scores (a new tensor)."""
+    def __call__(
+        self, scores: torch.Tensor, has_stop: torch.Tensor, accelerator=None, scorable: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """scores: (B,) from the reward function, has_stop: (B,) bool -> (B,) shaped scores (a new tensor).
+        scorable: (B,) bool; the others are left out of the statistics and shaped to 0."""
         cfg = self.config
         scores = scores.clone()
         if cfg.missing_eos_penalty is not None:
             scores = torch.where(has_stop, scores, scores - cfg.missing_eos_penalty)
         if cfg.score_scaling != "none":
-            batch = global_moments(accelerator, {"scores": scores}, device=scores.device)["scores"]
+            pick = scores if scorable is None else (scores, scorable)
+            batch = global_moments(accelerator, {"scores": pick}, device=scores.device)["scores"]
             if cfg.score_scaling == "running_std":
                 self.moments.update(batch)
                 std = self.moments.std
@@ -56,7 +61,7 @@ class ScoreShaper:
                 scores = (scores - batch.mean) / (batch.std + 1e-8)
         if cfg.score_clip is not None:
             scores = scores.clamp(-cfg.score_clip, cfg.score_clip)
-        return scores
+        return scores if scorable is None else torch.where(scorable, scores, 0.0)
 
     def state_dict(self) -> dict:
         return self.moments.state_dict()

@@ -219,15 +219,21 @@ def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) 
 # losses (token-level; the caller chooses the normaliser so gradient accumulation and processes stay exact)
 # --------------------------------------------------------------------------------------------------------------
 def ppo_policy_loss(
-    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, clip_range: float
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    clip_range: float,
+    clip_range_high: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Clipped surrogate per token: ``max(-A·r, -A·clip(r, 1-ε, 1+ε))`` with ``r = exp(logp - logp_old)``.
+    """Clipped surrogate per token: ``max(-A·r, -A·clip(r, 1-ε, 1+ε_high))`` with ``r = exp(logp - logp_old)``;
+    ``ε_high`` (DAPO's clip-higher) defaults to ``ε``.
 
     All (B, T) -> (loss (B, T), clipped (B, T) bool: the clipped branch was taken, ratio (B, T)).
     """
+    high = clip_range if clip_range_high is None else clip_range_high
     ratio = torch.exp(logprobs - old_logprobs)
     unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + high)
     return torch.maximum(unclipped, clipped), clipped > unclipped, ratio
 
 
@@ -255,31 +261,51 @@ def pg_loss(logprobs: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------------------
 # critic-free baselines over groups of k samples of the same prompt (rows of one group are contiguous)
 # --------------------------------------------------------------------------------------------------------------
-def leave_one_out_baseline(returns: torch.Tensor, group_size: int) -> torch.Tensor:
+def leave_one_out_baseline(returns: torch.Tensor, group_size: int, valid: torch.Tensor | None = None) -> torch.Tensor:
     """RLOO: each sample's baseline is the mean return of the *other* k-1 samples of its prompt.
 
-    returns: (B,) with B = n_groups · k, groups contiguous -> baseline (B,). Needs k >= 2.
+    returns: (B,) with B = n_groups · k, groups contiguous -> baseline (B,). Needs k >= 2. ``valid`` (B,) bool: only
+    those samples enter baselines (unscorable ones do not); a sample with no valid other sample gets its own return
+    (advantage 0).
     """
     if group_size < 2:
         raise ValueError(f"leave_one_out needs at least 2 samples per prompt, got {group_size}")
-    g = returns.view(-1, group_size)
-    return ((g.sum(1, keepdim=True) - g) / (group_size - 1)).view(-1)
+    if valid is None:
+        g = returns.view(-1, group_size)
+        return ((g.sum(1, keepdim=True) - g) / (group_size - 1)).view(-1)
+    w = valid.to(returns.dtype).view(-1, group_size)
+    g = returns.view(-1, group_size) * w
+    others = w.sum(1, keepdim=True) - w
+    baseline = (g.sum(1, keepdim=True) - g) / others.clamp(min=1)
+    return torch.where(others > 0, baseline, returns.view(-1, group_size)).view(-1)
 
 
 def group_normalized(
-    returns: torch.Tensor, seq_returns: torch.Tensor, group_size: int, eps: float = 1e-6
+    returns: torch.Tensor,
+    seq_returns: torch.Tensor,
+    group_size: int,
+    eps: float = 1e-6,
+    valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """GRPO-style advantage: ``(G - mean_group G_0) / (std_group G_0 + eps)``, with the mean and the (Bessel-corrected)
     std of the sequence returns ``G_0`` of each sample's prompt group.
 
     returns: (B,) or (B, T) (per-token returns G_t), seq_returns: (B,) with B = n_groups · k, groups contiguous ->
-    returns' shape. Needs k >= 2.
+    returns' shape. Needs k >= 2. ``valid`` (B,) bool: only those samples enter a group's mean and std; a group with
+    fewer than two valid samples has std 0.
     """
     if group_size < 2:
         raise ValueError(f"group_norm needs at least 2 samples per prompt, got {group_size}")
-    g = seq_returns.view(-1, group_size)
-    mean = g.mean(1).repeat_interleave(group_size)  # (B,)
-    std = g.std(1).repeat_interleave(group_size)
+    if valid is None:
+        g = seq_returns.view(-1, group_size)
+        mean, std = g.mean(1), g.std(1)
+    else:
+        w = valid.to(seq_returns.dtype).view(-1, group_size)
+        n = w.sum(1)
+        mean = (seq_returns.view(-1, group_size) * w).sum(1) / n.clamp(min=1)
+        sq = ((seq_returns.view(-1, group_size) - mean[:, None]) ** 2 * w).sum(1)
+        std = torch.where(n > 1, (sq / (n - 1).clamp(min=1)).sqrt(), torch.zeros_like(mean))
+    mean, std = mean.repeat_interleave(group_size), std.repeat_interleave(group_size)  # (B,)
     shape = (-1,) + (1,) * (returns.dim() - 1)
     return (returns - mean.view(shape)) / (std.view(shape) + eps)
 

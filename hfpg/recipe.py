@@ -10,8 +10,9 @@ model:                       # what to fine-tune
 data:                        # any datasets.load_dataset source
   path: json
   data_files: data/prompts.jsonl      # relative to the recipe file when not found from the working directory
-  prompt_template: "Review: {text}"   # or prompt_column: prompt
-  chat_template: false       # wrap prompts in the tokenizer's chat template (instruct models)
+  prompt_template: "Review: {text}"   # or prompt_column: prompt (strings, or message lists: conversational data)
+  chat_template: false       # wrap string prompts in the tokenizer's chat template (instruct models); message-list
+                             # prompts are always rendered with it (chat_template_kwargs: {...} at the top level)
   eval_size: 16              # held out from train when there is no eval_split
 report: {samples_every: 5}   # samples.jsonl, reward/KL plot, before/after report.md
 # every other top-level key is a PGConfig key: max_steps, learning_rate, rewards, ...
@@ -29,6 +30,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from .chat import check_chat_template, is_conversational
 from .config import PGConfig
 from .data import load_splits
 from .errors import ConfigError, DataError
@@ -141,31 +143,53 @@ def recipe_from_dict(raw: dict, path: str | None = None) -> Recipe:
 
 
 # ---- model -----------------------------------------------------------------------------------------------------------
-def load_tokenizer_and_model(spec: ModelSpec):
-    """(tokenizer, AutoModelForCausalLMWithValueHead, ref_model or None) as the model section describes.
-
-    A GGUF checkpoint is de-quantised once and cached as safetensors (a GGUF-loaded model refuses save_pretrained,
-    so it is rebuilt from its config and state dict first); later runs load the cache in seconds.
-    """
+def _source_and_kwargs(spec: ModelSpec) -> tuple[str, dict, torch.dtype]:
+    """Where the model's files are (``pkg:`` resolved, GGUF de-quantised and cached), loader kwargs, and the dtype."""
     source = resolve_source(spec.name_or_path)
     dtype = getattr(torch, spec.dtype, None)
     if not isinstance(dtype, torch.dtype):
         raise ConfigError(f"model.dtype={spec.dtype!r} is not a torch dtype (float32, bfloat16, float16)")
-    kwargs = {"trust_remote_code": spec.trust_remote_code}
     if spec.gguf_file:
         source = materialize_gguf(source, spec.gguf_file, spec.cache_dir)
-    tokenizer = AutoTokenizer.from_pretrained(resolve_source(spec.tokenizer) if spec.tokenizer else source, **kwargs)
+    return source, {"trust_remote_code": spec.trust_remote_code}, dtype
+
+
+def load_tokenizer(spec: ModelSpec):
+    """The tokenizer the model section names (its own ``tokenizer``, else the model's)."""
+    source, kwargs, _ = _source_and_kwargs(spec)
+    return AutoTokenizer.from_pretrained(resolve_source(spec.tokenizer) if spec.tokenizer else source, **kwargs)
+
+
+def load_models(spec: ModelSpec, with_reference: bool = True):
+    """(AutoModelForCausalLMWithValueHead, ref_model or None) as the model section describes; ``model.ref_model`` is
+    loaded only when ``with_reference`` (a run with ``kl_coef: 0`` uses none).
+
+    A GGUF checkpoint is de-quantised once and cached as safetensors (a GGUF-loaded model refuses save_pretrained,
+    so it is rebuilt from its config and state dict first); later runs load the cache in seconds.
+    """
+    source, kwargs, dtype = _source_and_kwargs(spec)
     peft_config = peft_config_from_dict(spec.peft) if spec.peft else None
     model = AutoModelForCausalLMWithValueHead.from_pretrained(source, peft_config=peft_config, dtype=dtype, **kwargs)
     ref = None
-    if spec.ref_model:
+    if spec.ref_model and with_reference:
         ref = AutoModelForCausalLM.from_pretrained(resolve_source(spec.ref_model), dtype=dtype, **kwargs)
-    return tokenizer, model, ref
+    return model, ref
+
+
+def load_tokenizer_and_model(spec: ModelSpec):
+    """(tokenizer, model with value head, ref_model or None): :func:`load_tokenizer` + :func:`load_models`."""
+    return (load_tokenizer(spec), *load_models(spec))
 
 
 # ---- data ------------------------------------------------------------------------------------------------------------
-def prompt_text(row: dict, spec: DataSpec) -> str:
-    """The prompt of one row as a person reads it: a template over its columns, or one column."""
+def prompt_text(row: dict, spec: DataSpec):
+    """The prompt of one row as a person reads it: a template over its columns, or one column (a message list for
+    conversational data, with ``data.system_prompt`` put first when it has no system message)."""
+    value = row.get(spec.prompt_column)
+    if spec.prompt_template is None and is_conversational(value):
+        if spec.system_prompt and value[0].get("role") != "system":
+            value = [{"role": "system", "content": spec.system_prompt}, *value]
+        return value
     if spec.prompt_template:
         try:
             text = spec.prompt_template.format(**row)
@@ -180,20 +204,24 @@ def prompt_text(row: dict, spec: DataSpec) -> str:
     return text
 
 
-def format_prompt(text: str, spec: DataSpec, tokenizer) -> str:
-    """Wrap a prompt in the tokenizer's chat template when ``data.chat_template`` asks for it."""
-    if spec.chat_template:
+def format_prompt(text: str, spec: DataSpec, tokenizer, chat_template_kwargs: dict | None = None) -> str:
+    """Wrap a string prompt in the tokenizer's chat template when ``data.chat_template`` asks for it (message lists
+    stay messages: the trainer renders them, and rewards receive them as TRL's do)."""
+    if spec.chat_template and isinstance(text, str):
         if not getattr(tokenizer, "chat_template", None):
             raise DataError("data.chat_template=true but the tokenizer has no chat template; set it to false")
         messages = [{"role": "system", "content": spec.system_prompt}] if spec.system_prompt else []
         messages.append({"role": "user", "content": text})
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True, **(chat_template_kwargs or {})
+        )
     return text
 
 
-def load_prompts(spec: DataSpec, tokenizer, base_dir: str = ".", seed: int = 0):
+def load_prompts(spec: DataSpec, tokenizer, base_dir: str = ".", seed: int = 0, chat_template_kwargs=None):
     """(train, eval or None) as ``datasets.Dataset`` with a ``prompt`` column (what the model sees, chat template
-    included), ``prompt_text`` (the plain prompt) and the source's other columns (references, ...)."""
+    included), ``prompt_text`` (the plain prompt) and the source's other columns (references, ...). Conversational
+    data keeps its message lists in ``prompt`` (the trainer renders them) and gets no ``prompt_text``."""
     train, evals = load_splits(
         spec.path,
         name=spec.name,
@@ -214,9 +242,23 @@ def load_prompts(spec: DataSpec, tokenizer, base_dir: str = ".", seed: int = 0):
     if evals is not None and spec.max_eval_samples is not None:
         evals = evals.select(range(min(spec.max_eval_samples, len(evals))))
 
-    def add_prompt(row):
-        text = prompt_text(row, spec)
-        return {"prompt": format_prompt(text, spec, tokenizer), "prompt_text": text}
+    first = prompt_text(train[0], spec) if len(train) else ""
+    if is_conversational(first):
+        if spec.prompt_template or spec.prompt_max_words:
+            raise DataError(
+                f"data.prompt_column={spec.prompt_column!r} holds message lists (conversational data); "
+                f"data.prompt_template and data.prompt_max_words apply to string prompts only: remove them"
+            )
+        check_chat_template(tokenizer, f"data ({spec.path})")
+
+        def add_prompt(row):
+            return {"prompt": prompt_text(row, spec)}
+
+    else:
+
+        def add_prompt(row):
+            text = prompt_text(row, spec)
+            return {"prompt": format_prompt(text, spec, tokenizer, chat_template_kwargs), "prompt_text": text}
 
     train = train.map(add_prompt, desc="prompts")
     evals = evals.map(add_prompt, desc="prompts") if evals is not None else None

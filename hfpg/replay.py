@@ -37,6 +37,7 @@ class ReplayBuffer:
             group = {name: getattr(rollout, name)[sl].detach().cpu() for name in _KEEP if name != "behaviour_logprobs"}
             group["behaviour_logprobs"] = rollout.logprobs[sl].detach().cpu()
             group["scores"] = shaped_scores[sl].detach().cpu()
+            group["scorable"] = None if rollout.scorable is None else rollout.scorable[sl].cpu()
             group["step"] = step
             self.groups.append(group)
         while len(self) > self.capacity:
@@ -54,7 +55,12 @@ class ReplayBuffer:
         parts = []
         for i in picks:
             g = self.groups[i]
-            r = Rollout(**{name: g[name].to(device) for name in _KEEP}, scores=g["scores"].to(device))
+            scorable = g.get("scorable")
+            r = Rollout(
+                **{name: g[name].to(device) for name in _KEEP},
+                scores=g["scores"].to(device),
+                scorable=None if scorable is None else scorable.to(device),
+            )
             r.staleness = torch.full((self.group_size,), step - g["step"], device=device)
             parts.append(r)
         return concat_rollouts(parts, pad_token_id)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import torch
@@ -21,32 +22,35 @@ class SampleLogger(TrainerCallback):
             return
         r = trainer.last_rollout
         with open(self.path, "a") as f:
-            shown = r.columns.get("prompt_text", r.prompts)
-            for i in range(min(self.num, r.batch_size)):
-                row = {
-                    "step": step,
-                    "prompt": shown[i],
-                    "completion": r.completions[i],
-                    "score": float(r.scores[i]),
-                    **{k: float(v[i]) for k, v in r.components.items()},
-                }
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            for row in sample_rows(r, min(self.num, r.batch_size)):
+                f.write(json.dumps({"step": step, **row}, ensure_ascii=False, default=str) + "\n")
+
+
+def sample_rows(r, n: int) -> list[dict]:
+    """The first ``n`` samples of a rollout as rows: the prompt as a person reads it (a recipe's ``prompt_text``, else
+    the text the policy saw, chat template included), the completion, the score (None when no reward applied), each
+    reward part (None where it did not apply) and the columns rewards logged with ``log_extra``."""
+    shown = r.columns.get("prompt_text", r.prompts)
+    rows = []
+    for i in range(n):
+        scorable = r.scorable is None or bool(r.scorable[i])
+        row = {
+            "prompt": shown[i],
+            "completion": r.completions[i],
+            "score": float(r.scores[i]) if scorable else None,
+            **{k: None if math.isnan(float(v[i])) else float(v[i]) for k, v in r.components.items()},
+        }
+        for column, values in r.extras.items():
+            row.setdefault(column, values[i] if i < len(values) else None)
+        rows.append(row)
+    return rows
 
 
 @torch.no_grad()
 def sample_table(trainer, rows: list[dict]) -> list[dict]:
     """Completions and scores (with reward parts) for ``rows`` from the trainer's current policy."""
     r, _ = trainer.make_rollout(rows)
-    shown = [row.get("prompt_text", row[trainer.config.prompt_column]) for row in rows]
-    return [
-        {
-            "prompt": shown[i],
-            "completion": r.completions[i],
-            "score": float(r.scores[i]),
-            **{k: float(v[i]) for k, v in r.components.items()},
-        }
-        for i in range(r.batch_size)
-    ]
+    return sample_rows(r, r.batch_size)
 
 
 def plot_curves(metrics_path: str, png_path: str) -> str | None:
@@ -71,7 +75,7 @@ def plot_curves(metrics_path: str, png_path: str) -> str | None:
     ax1.set_xlabel("step")
     ax1.set_title("reward")
     ax1.legend(fontsize=8)
-    ax2.plot(steps, [r["objective/kl"] for r in rows], color="tab:red")
+    ax2.plot(steps, [r.get("objective/kl", float("nan")) for r in rows], color="tab:red")
     ax2.set_xlabel("step")
     ax2.set_title("KL(policy ‖ reference), nats per sequence")
     fig.tight_layout()
@@ -80,8 +84,12 @@ def plot_curves(metrics_path: str, png_path: str) -> str | None:
     return png_path
 
 
+def _score(score: float | None) -> str:
+    return "—" if score is None else f"{score:.3f}"
+
+
 def _cell(text: str, width: int = 160) -> str:
-    text = text.replace("\n", " ").replace("|", "\\|")
+    text = str(text).replace("\n", " ").replace("|", "\\|")
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
@@ -104,8 +112,8 @@ def write_report(
     lines += ["", "## Samples", "", "| prompt | before | score | after | score |", "|---|---|---|---|---|"]
     for b, a in zip(samples_before, samples_after):
         lines.append(
-            f"| {_cell(b['prompt'], 80)} | {_cell(b['completion'])} | {b['score']:.3f} | "
-            f"{_cell(a['completion'])} | {a['score']:.3f} |"
+            f"| {_cell(b['prompt'], 80)} | {_cell(b['completion'])} | {_score(b['score'])} | "
+            f"{_cell(a['completion'])} | {_score(a['score'])} |"
         )
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")

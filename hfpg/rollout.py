@@ -31,19 +31,29 @@ class Rollout:
     ref_logprobs: torch.Tensor | None = None
     values: torch.Tensor | None = None
     entropy: torch.Tensor | None = None  # per-token entropy of the sampling policy (temperature-scaled)
-    scores: torch.Tensor | None = None  # (B,) sequence scores from the reward function
-    components: dict[str, torch.Tensor] = field(default_factory=dict)  # (B,) raw scores of each reward part
+    scores: torch.Tensor | None = None  # (B,) sequence scores from the reward function (0 where unscorable)
+    scorable: torch.Tensor | None = None  # (B,) bool: some reward scored it (None = every sample)
+    components: dict[str, torch.Tensor] = field(default_factory=dict)  # (B,) raw scores of each part, NaN = None
     # experience replay: behaviour-policy logprobs μ, truncated importance weights and age (fresh: logprobs, 1, 0)
     behaviour_logprobs: torch.Tensor | None = None
     is_weights: torch.Tensor | None = None
     staleness: torch.Tensor | None = None
-    prompts: list[str] = field(default_factory=list)
+    prompts: list[str] = field(default_factory=list)  # as the policy saw them (chat template applied)
     completions: list[str] = field(default_factory=list)
     columns: dict[str, list] = field(default_factory=dict)
+    extras: dict[str, list] = field(default_factory=dict)  # per-sample columns rewards logged with log_extra
+    reward_metrics: dict[str, list[float]] = field(default_factory=dict)  # values rewards logged with log_metric
 
     @property
     def batch_size(self) -> int:
         return self.response_ids.shape[0]
+
+    @property
+    def loss_mask(self) -> torch.Tensor:
+        """(B, T) bool: the tokens that enter advantages and losses — real tokens of scorable samples."""
+        if self.scorable is None:
+            return self.response_mask
+        return self.response_mask & self.scorable.to(self.response_mask.device).unsqueeze(1)
 
     def sequences(self, rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The prompt and response ids and masks (of ``rows`` only, when given): what a forward needs."""
@@ -110,6 +120,10 @@ def concat_rollouts(rollouts: list[Rollout], pad_token_id: int) -> Rollout:
     for name in ("has_stop", "scores", "staleness"):
         parts = [getattr(r, name) for r in rollouts]
         out[name] = None if any(x is None for x in parts) else torch.cat(parts)
+    if any(r.scorable is not None for r in rollouts):  # None means every sample of that part is scorable
+        out["scorable"] = torch.cat(
+            [r.scorable if r.scorable is not None else r.has_stop.new_ones(r.batch_size) for r in rollouts]
+        )
     columns = {k: [v for r in rollouts for v in r.columns.get(k, [None] * r.batch_size)] for k in rollouts[0].columns}
     return Rollout(
         **out,
@@ -130,12 +144,18 @@ def _tokenizer_sides(tokenizer, padding: str, truncation: str):
 
 
 def tokenize_prompts(
-    tokenizer, prompts: Sequence[str], max_prompt_length: int | None = None, device: torch.device | str = "cpu"
+    tokenizer,
+    prompts: Sequence[str],
+    max_prompt_length: int | None = None,
+    device: torch.device | str = "cpu",
+    add_special_tokens: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded prompt ids and attention mask (B, P); ``max_prompt_length`` keeps the *last* N tokens."""
+    """Left-padded prompt ids and attention mask (B, P); ``max_prompt_length`` keeps the *last* N tokens.
+    ``add_special_tokens=False`` for text a chat template rendered (it holds its own BOS)."""
     with _tokenizer_sides(tokenizer, "left", "left"):
         enc = tokenizer(
             list(prompts),
+            add_special_tokens=add_special_tokens,
             padding=True,
             truncation=max_prompt_length is not None,
             max_length=max_prompt_length,
@@ -186,6 +206,11 @@ def generate_responses(
     if responses.shape[1] == 0:  # max_new_tokens reached 0 tokens: keep shapes valid
         responses = torch.full((prompt_ids.shape[0], 1), pad_token_id, dtype=prompt_ids.dtype, device=prompt_ids.device)
     return ops.truncate_at_stop(responses, stop_token_ids, pad_token_id)
+
+
+def completion_ids(response_ids: torch.Tensor, response_mask: torch.Tensor) -> list[list[int]]:
+    """The sampled token ids of each completion (its stop token included), as rewards receive them."""
+    return [ids[m.bool()].tolist() for ids, m in zip(response_ids.cpu(), response_mask.cpu())]
 
 
 def decode_completions(tokenizer, response_ids: torch.Tensor, response_mask: torch.Tensor) -> list[str]:

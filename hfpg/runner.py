@@ -19,7 +19,7 @@ from transformers import set_seed
 
 from .distributed import accelerator_kwargs
 from .hub import push_model_folder
-from .recipe import Recipe, load_prompts, load_tokenizer_and_model
+from .recipe import Recipe, load_models, load_prompts, load_tokenizer
 from .report import SampleLogger, plot_curves, sample_table, write_report
 from .rewards.registry import build_reward
 from .sources import dataset_id, is_hub_id
@@ -47,8 +47,11 @@ class RecipeRun:
             cfg.rewards = []
         set_seed(cfg.seed)  # new weights (a LoRA adapter's init, a fresh value head) are reproducible too
         with state.main_process_first():  # caches (GGUF de-quantisation, datasets) are written once, by rank 0
-            self.tokenizer, model, ref_model = load_tokenizer_and_model(recipe.model)
-            self.train_dataset, self.eval_dataset = load_prompts(recipe.data, self.tokenizer, recipe.base_dir, cfg.seed)
+            self.tokenizer = load_tokenizer(recipe.model)  # the data is checked against it before the model loads
+            self.train_dataset, self.eval_dataset = load_prompts(
+                recipe.data, self.tokenizer, recipe.base_dir, cfg.seed, cfg.chat_template_kwargs
+            )
+            model, ref_model = load_models(recipe.model, with_reference=cfg.kl_coef > 0)
         samples = SampleLogger(
             os.path.join(self.output_dir, "samples.jsonl"), recipe.report.samples_every, recipe.report.num_samples
         )

@@ -104,7 +104,7 @@ class SavingMixin:
                 json.dump({"global_step": self.global_step, "config": self.config.to_dict()}, f, indent=2)
             self._rotate_checkpoints()
         self.accelerator.wait_for_everyone()
-        self._callback("on_save", self.global_step, path)
+        self._callback("on_save", checkpoint_dir=path)
         return path
 
     def load_checkpoint(self, path: str | bool) -> None:

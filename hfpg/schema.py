@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -40,15 +40,34 @@ def closest(word: str, choices: Iterable[str], cutoff: float = 0.6) -> str | Non
     return close[0] if close else None
 
 
-def unknown_keys(keys: Iterable[str], known: Iterable[str], prefix: str = "", fallback: str = "") -> list[str]:
-    """``unknown key 'prefix.key'; did you mean 'prefix.close'?`` (or ``fallback``) for each key not in ``known``."""
+def unknown_keys(
+    keys: Iterable[str],
+    known: Iterable[str],
+    prefix: str = "",
+    fallback: str = "",
+    hints: Mapping[str, Callable[[Any], str] | str] | None = None,
+) -> list[str]:
+    """``unknown key 'prefix.key'; did you mean 'prefix.close'?`` (or ``fallback``) for each key not in ``known``.
+
+    hints: exact hints for names another library uses (e.g. :data:`hfpg.trl_names.TRL_KEY_HINTS`), a function of
+    the value given or a string; such a key reads ``unknown key 'num_generations' (TRL's name): <hint>`` instead.
+    ``keys`` may be the mapping itself, so that hints see the values (otherwise they get None).
+    """
     known = list(known)
     problems = []
     for key in keys:
-        if key not in known:
-            close = closest(key, known)
-            hint = f"; did you mean {prefix + close!r}?" if close else fallback
-            problems.append(f"unknown key {prefix + str(key)!r}{hint}")
+        if key in known:
+            continue
+        if hints is not None and key in hints:
+            hint = hints[key]
+            value = keys[key] if isinstance(keys, Mapping) else None
+            problems.append(
+                f"unknown key {prefix + str(key)!r} (TRL's name): {hint(value) if callable(hint) else hint}"
+            )
+            continue
+        close = closest(key, known)
+        hint = f"; did you mean {prefix + close!r}?" if close else fallback
+        problems.append(f"unknown key {prefix + str(key)!r}{hint}")
     return problems
 
 
@@ -163,17 +182,17 @@ def build(cls, data: Any, where: str = "", fallback: str | None = None, **intern
     """``(instance, [])`` built from ``data``, or ``(None, problems)``.
 
     where: the section's name, prefixed to keys in messages (``model.`` ...). fallback: the hint for an unknown key
-    nothing is close to (default: the list of keys). ``internal``: values of internal fields (``base_dir``). The
-    dataclass's own validation (a :class:`ConfigError` from ``__post_init__``) runs even when some keys were bad,
-    so that every problem is reported at once.
+    nothing is close to (default: the list of keys). A class attribute ``KEY_HINTS`` (a mapping, see
+    :func:`unknown_keys`) gives exact hints for other libraries' names (``PGConfig.KEY_HINTS``: TRL's).
+    ``internal``: values of internal fields (``base_dir``). The dataclass's own validation (a :class:`ConfigError`
+    from ``__post_init__``) runs even when some keys were bad, so that every problem is reported at once.
     """
     if not isinstance(data, dict):
         return None, [f"{where or cls.__name__} must be a mapping, got {data!r}"]
     fields = {f.name: f for f in loadable_fields(cls)}
     prefix = f"{where}." if where else ""
-    problems = unknown_keys(
-        data, fields, prefix, f"; {where or cls.__name__} keys are {list(fields)}" if fallback is None else fallback
-    )
+    fallback = f"; {where or cls.__name__} keys are {list(fields)}" if fallback is None else fallback
+    problems = unknown_keys(data, fields, prefix, fallback, hints=getattr(cls, "KEY_HINTS", None))
     values = {}
     for key in data.keys() & fields.keys():
         values[key], error = coerce(prefix + key, data[key], fields[key].type)

@@ -12,18 +12,19 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase, get_scheduler
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase, TrainerControl, get_scheduler
 
 from . import ops
 from .algorithms import build_algorithm
-from .callbacks import TrainerCallback
+from .callbacks import CallbackHandler, TrainerCallback, sync_state, trainer_state
+from .chat import is_conversational, render
 from .config import PGConfig
-from .data import PromptSampler, as_dataset, check_prompts
+from .data import Rows, as_dataset, check_prompt_format, check_prompts, is_stream, make_sampler
 from .distributed import accelerator_kwargs, check_backend, check_launch, configure_deepspeed, full_weights
 from .errors import ConfigError, DataError
 from .forward import rollout_forward
 from .kl import build_kl_controller
-from .metrics import component_metrics, step_metrics
+from .metrics import component_metrics, logged_metrics, step_metrics
 from .modeling import (
     AutoModelForCausalLMWithValueHead,
     adalora_step_hook,
@@ -34,12 +35,16 @@ from .modeling import (
 )
 from .normalize import ScoreShaper
 from .replay import ReplayBuffer, mix_in_replay
-from .rewards.base import compute_scores, setup_reward
+from .rewards.base import setup_reward
+from .rewards.calling import RewardInputs, RewardLog
+from .rewards.combined import CombinedReward
+from .rewards.models import RewardModelReward
 from .rewards.registry import build_reward
 from .rollout import (
     Rollout,
     build_generation_config,
     columns_for,
+    completion_ids,
     decode_completions,
     generate_responses,
     tokenize_prompts,
@@ -52,12 +57,21 @@ logger = logging.getLogger(__name__)
 
 
 class PGTrainer(SavingMixin):
-    """Fine-tune a causal LM with policy-gradient RL against ``reward_fn(prompts, completions, **columns)``.
+    """Fine-tune a causal LM with policy-gradient RL against ``reward_fn(prompts, completions, **kwargs)``.
 
     model: an :class:`AutoModelForCausalLMWithValueHead`, a plain (or PEFT) causal LM, or a model id / path.
+    config (or ``args``, TRL's name): a :class:`PGConfig` or a dict of its keys.
+    reward_fn (or ``reward_funcs``, TRL's name): a reward callable, a list of them (weighted by ``reward_weights``,
+    default 1 each), a :class:`~hfpg.rewards.CombinedReward`, or a reward model (an id or an
+    ``AutoModelForSequenceClassification``); rewards are called with TRL's keyword contract
+    (:mod:`hfpg.rewards.calling`). Default: the config's ``rewards:``.
+    train_dataset: a ``datasets.Dataset`` / ``IterableDataset``, a list of dicts or a dict of lists, with a
+    ``prompt_column`` of strings or of message lists (``[{"role": "user", "content": ...}]``, rendered with the
+    tokenizer's chat template and ``chat_template_kwargs``).
     ref_model: frozen reference for the KL penalty (a model, or an id / path); by default a frozen copy of the
-    policy, or — for a PEFT policy — the same weights with adapters disabled.
+    policy, or — for a PEFT policy — the same weights with adapters disabled; none at all when ``kl_coef`` is 0.
     tokenizer (or ``processing_class``, TRL's name): the policy's tokenizer; EOS pads when it has no pad token.
+    callbacks: hfpg :class:`~hfpg.callbacks.TrainerCallback` and ``transformers.TrainerCallback`` instances.
     peft_config: any ``peft`` adapter config (``LoraConfig``, ``IA3Config``, ...) to wrap a plain model in; only the
     adapter and the value head train, and the reference is the same base with the adapter disabled.
     """
@@ -75,19 +89,31 @@ class PGTrainer(SavingMixin):
         optimizers=(None, None),
         processing_class=None,
         peft_config=None,
+        args: PGConfig | dict | None = None,
+        reward_funcs=None,
+        reward_weights: list[float] | None = None,
     ):
+        config = _one_of("config", config, "args", args)  # args, reward_funcs, processing_class: TRL's names
         self.config = config = _as_config(config)
-        self.reward_fn = _resolve_reward(reward_fn, config)  # a bad reward fails before any model loads
+        reward_fn = _one_of("reward_fn", reward_fn, "reward_funcs", reward_funcs)
+        self.reward_fn = _resolve_reward(reward_fn, config, reward_weights)  # a bad reward fails before models load
         self.algorithm = build_algorithm(config)
         self.accelerator = self._create_accelerator()
-        tokenizer = tokenizer if tokenizer is not None else processing_class  # TRL's name for the tokenizer
+        tokenizer = _one_of("tokenizer", tokenizer, "processing_class", processing_class)
+        if isinstance(model, str) and tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(model)
+        train_dataset, eval_dataset = self._check_formats(train_dataset, eval_dataset, tokenizer)  # before the model
         model = self._load_policy(model, tokenizer, peft_config)
         self.train_dataset, self.eval_dataset = self._check_datasets(train_dataset, eval_dataset, model)
         self.ref_model = self._prepare_models(model, ref_model)
         self.model, self.optimizer, self.scheduler = self._setup_optimization(model, *optimizers)
         self._setup_run_state()
         self.generation_config = build_generation_config(config, self.tokenizer, self.stop_token_ids)
-        self.callbacks = list(callbacks or [])
+        # one TrainerState / TrainerControl, shared with transformers callbacks; global_step and log_history live there
+        self.state = trainer_state(config, self.accelerator)
+        self.control = TrainerControl()
+        self.callback_handler = CallbackHandler(callbacks, self)
+        self.callbacks = self.callback_handler.callbacks  # the live list: callbacks.append(cb) works
         # what the model card says beyond the config and the log: edit before save_model() / push_to_hub()
         base_name = getattr(model.base_model.config, "_name_or_path", None)
         self.model_card_data: dict = {
@@ -97,11 +123,10 @@ class PGTrainer(SavingMixin):
             "license": None,
             "language": None,
         }
-        self.global_step = 0
         self.last_rollout: Rollout | None = None
         self.should_stop = False
-        self.log_history: list[dict] = []
         self._trackers_ready = False
+        self._callback("on_init_end")
 
     # ---- construction, step by step ----------------------------------------------------------------------------------
     def _create_accelerator(self) -> Accelerator:
@@ -140,20 +165,14 @@ class PGTrainer(SavingMixin):
         return model
 
     def _check_datasets(self, train_dataset, eval_dataset, model) -> tuple:
-        """(train, eval) as datasets or :class:`~hfpg.data.Rows`, every prompt checked against the model's context."""
-        config = self.config
-        train, evals = as_dataset(train_dataset, "train_dataset"), as_dataset(eval_dataset, "eval_dataset")
-        if train is None:
-            raise DataError(
-                "train_dataset is required: a datasets.Dataset (or list of dicts) with a "
-                f"{config.prompt_column!r} column"
-            )
+        """(train, eval), every prompt checked against the model's context (a stream: its first rows now, every later
+        step's rows in step())."""
         text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self._context_length = getattr(text_config, "max_position_embeddings", None)
-        for ds, name in ((train, "train_dataset"), (evals, "eval_dataset")):
+        for ds, name in ((train_dataset, "train_dataset"), (eval_dataset, "eval_dataset")):
             if ds is not None:
-                self._check_prompts(ds, name)
-        return train, evals
+                self._check_prompts(self._stream_head if is_stream(ds) else ds, name)
+        return train_dataset, eval_dataset
 
     def _check_prompts(self, dataset, name: str) -> None:
         cfg = self.config
@@ -165,16 +184,48 @@ class PGTrainer(SavingMixin):
             cfg.max_prompt_length,
             cfg.max_new_tokens,
             self._context_length,
+            cfg.chat_template_kwargs,
         )
+
+    def _check_formats(self, train_dataset, eval_dataset, tokenizer) -> tuple:
+        """Before any model loads: the datasets' prompt column (strings or message lists, one kind, valid roles; a
+        chat template for messages) and every reward's signature against the columns it will receive."""
+        config = self.config
+        train, evals = as_dataset(train_dataset, "train_dataset"), as_dataset(eval_dataset, "eval_dataset")
+        if train is None:
+            raise DataError(
+                "train_dataset is required: a datasets.Dataset (or list of dicts) with a "
+                f"{config.prompt_column!r} column"
+            )
+        for ds, name in ((train, "train_dataset"), (evals, "eval_dataset")):
+            if ds is None:
+                continue
+            if is_stream(ds):  # its first step's rows stand for the stream; later rows are checked as they come
+                self._stream_head = ds = Rows(
+                    [dict(row) for row in ds.take(config.rollout_batch_size // config.num_samples_per_prompt)]
+                )
+            check_prompt_format(ds, name, config.prompt_column, tokenizer)
+            columns = [c for c in ds.column_names if c != config.prompt_column]
+            self.reward_fn.check_signatures(columns)
+        return train, evals
 
     def _prepare_models(self, model, ref_model):
         """Freeze an unused value head, switch dropout off, build the frozen reference (None for a PEFT policy: the
-        same weights with adapters off), turn on gradient checkpointing. Returns the reference."""
+        same weights with adapters off), turn on gradient checkpointing. Returns the reference.
+
+        With ``kl_coef: 0`` there is no reference at all (``self.uses_reference`` False): none is loaded or run."""
         config = self.config
+        self.uses_reference = config.kl_coef > 0  # adaptive_kl needs kl_coef > 0 (validated)
         if not self.algorithm.uses_critic:  # untrained and unused: DDP would wait for its gradients forever
             model.v_head.requires_grad_(False)
         if config.disable_dropout:
             disable_dropout(model)
+        if not self.uses_reference:
+            if ref_model is not None:
+                logger.warning("kl_coef=0: the ref_model given is not used (no KL penalty, no reference forward)")
+            if config.gradient_checkpointing:
+                model.gradient_checkpointing_enable()
+            return None
         if isinstance(ref_model, str):
             ref_model = AutoModelForCausalLM.from_pretrained(ref_model)
         if ref_model is None:
@@ -224,8 +275,8 @@ class PGTrainer(SavingMixin):
         self.kl_ctl = build_kl_controller(config)
         self.score_shaper = ScoreShaper(config)
         prompts_per_step = config.rollout_batch_size // config.num_samples_per_prompt
-        self.sampler = PromptSampler(
-            len(self.train_dataset), prompts_per_step, config.seed, acc.process_index, acc.num_processes
+        self.sampler = make_sampler(
+            self.train_dataset, prompts_per_step, config.seed, acc.process_index, acc.num_processes
         )
         self.replay = (
             ReplayBuffer(config.replay_buffer_size, config.num_samples_per_prompt)
@@ -248,10 +299,16 @@ class PGTrainer(SavingMixin):
 
     def train(self, resume_from_checkpoint: str | bool | None = None) -> dict[str, float]:
         """Run until ``max_steps``; returns the last step's metrics. ``resume_from_checkpoint``: a checkpoint folder,
-        or True for the newest one in ``output_dir``."""
+        or True for the newest one in ``output_dir``.
+
+        After each step's ``on_step_end`` the loop honours ``self.control`` as transformers' Trainer does:
+        ``should_training_stop`` ends the run (as ``self.should_stop = True`` does), ``should_log`` /
+        ``should_evaluate`` / ``should_save`` log, evaluate (with an eval_dataset) or save this step, unless the
+        ``logging_steps`` / ``eval_steps`` / ``save_steps`` schedule already did."""
         cfg = self.config
         if resume_from_checkpoint:
             self.load_checkpoint(resume_from_checkpoint)
+        sync_state(self.state, cfg)
         self._init_trackers()
         self._callback("on_train_begin")
         bar = tqdm(
@@ -262,7 +319,8 @@ class PGTrainer(SavingMixin):
             disable=cfg.disable_tqdm or not self.accelerator.is_local_main_process,
         )
         metrics: dict[str, float] = {}
-        while self.global_step < cfg.max_steps and not self.should_stop:
+        while self.global_step < cfg.max_steps and not self.should_stop and not self.control.should_training_stop:
+            self._callback("on_step_begin")
             metrics = self.step()
             self.global_step += 1
             bar.update(1)
@@ -274,16 +332,28 @@ class PGTrainer(SavingMixin):
             bar.set_postfix(
                 score=f"{metrics['objective/scores']:.3f}",
                 **dict(list(parts.items())[:4]),
-                kl=f"{metrics['objective/kl']:.3f}",
+                kl=f"{metrics.get('objective/kl', 0.0):.3f}",
                 beta=f"{metrics['objective/kl_coef']:.3g}",
             )
-            if self.global_step % cfg.logging_steps == 0 or self.global_step == cfg.max_steps:
+            logged = self.global_step % cfg.logging_steps == 0 or self.global_step == cfg.max_steps
+            evaluated = bool(
+                cfg.eval_steps and self.eval_dataset is not None and self.global_step % cfg.eval_steps == 0
+            )
+            saved = bool(cfg.save_steps and self.global_step % cfg.save_steps == 0)
+            if logged:
                 self.log(metrics)
-            if cfg.eval_steps and self.eval_dataset is not None and self.global_step % cfg.eval_steps == 0:
+            if evaluated:
                 self.evaluate()
-            if cfg.save_steps and self.global_step % cfg.save_steps == 0:
+            if saved:
                 self.save_checkpoint()
-            self._callback("on_step_end", self.global_step, metrics)
+            self._callback("on_step_end", metrics=metrics)
+            # what the callbacks asked for in on_step_end (transformers' _maybe_log_save_evaluate), once per step
+            if self.control.should_log and not logged:
+                self.log(metrics)
+            if self.control.should_evaluate and not evaluated and self.eval_dataset is not None:
+                self.evaluate()
+            if self.control.should_save and not saved:
+                self.save_checkpoint()
         bar.close()
         self._callback("on_train_end")
         self.end_training()
@@ -295,8 +365,9 @@ class PGTrainer(SavingMixin):
         update, KL controller."""
         cfg = self.config
         t_step = self._clock()
-        rows = self.train_dataset[self.sampler.next_local()]
-        rows = [dict(zip(rows, vals)) for vals in zip(*rows.values())]
+        rows = self.sampler.next_rows()
+        if is_stream(self.train_dataset):  # streamed rows were not all checked up front
+            self._check_prompts(Rows(rows), f"train_dataset (streamed rows of step {self.global_step + 1})")
         rows = [row for row in rows for _ in range(cfg.num_samples_per_prompt)]  # groups are contiguous
         fused = self.algorithm.fuses_policy_forward
         rollout, timings = self.make_rollout(rows, policy_forward=not fused)
@@ -306,7 +377,7 @@ class PGTrainer(SavingMixin):
             first_forward = self.algorithm.training_forward(self.model, rollout)
             timings["time/policy_forward"] = self._clock() - t0
             timings["time/rollout"] += timings["time/policy_forward"]
-        scores = self.score_shaper(rollout.scores, rollout.has_stop, self.accelerator)
+        scores = self.score_shaper(rollout.scores, rollout.has_stop, self.accelerator, rollout.scorable)
         t0 = self._clock()
         batch, batch_scores, replay_metrics = self._add_replay(rollout, scores)
         kl_coef = self.kl_ctl.value
@@ -325,13 +396,15 @@ class PGTrainer(SavingMixin):
         timings["time/update"] = self._clock() - t0
         B, T = rollout.response_ids.shape  # the fresh rows come first in the batch
         fresh_adv = {k: v[:B, :T] for k, v in adv.items()}
-        metrics = step_metrics(self.accelerator, rollout, fresh_adv, scores, kl_coef)
+        metrics = step_metrics(self.accelerator, rollout, fresh_adv, scores, kl_coef, with_kl=self.uses_reference)
         self.last_rollout = rollout  # for callbacks (samples.jsonl)
-        self.kl_ctl.update(metrics["objective/kl"], n_samples=cfg.rollout_batch_size)
+        if self.uses_reference:
+            self.kl_ctl.update(metrics["objective/kl"], n_samples=cfg.rollout_batch_size)
         if self.replay is not None:
             self.replay.add(rollout, scores, self.global_step)
         metrics.update(replay_metrics)
         metrics.update(component_metrics(self.accelerator, self.reward_fn, rollout.components))
+        metrics.update(logged_metrics(self.accelerator, rollout.reward_metrics))
         metrics.update(update_metrics)
         metrics.update(timings)
         metrics["time/step"] = step_time = self._clock() - t_step
@@ -372,12 +445,16 @@ class PGTrainer(SavingMixin):
 
     def _rollout(self, policy, rows: list[dict], policy_forward: bool) -> tuple[Rollout, dict[str, float]]:
         cfg, acc = self.config, self.accelerator
-        prompts = [r[cfg.prompt_column] for r in rows]
+        prompts = [r[cfg.prompt_column] for r in rows]  # strings, or message lists (conversational)
+        conversational = bool(prompts) and is_conversational(prompts[0])
+        text = render(self.tokenizer, prompts, cfg.chat_template_kwargs) if conversational else prompts
         policy.eval()  # no dropout and no gradient checkpointing during generation
         timings = {}
         clock = self._clock
         t = clock()
-        prompt_ids, prompt_mask = tokenize_prompts(self.tokenizer, prompts, cfg.max_prompt_length, acc.device)
+        prompt_ids, prompt_mask = tokenize_prompts(
+            self.tokenizer, text, cfg.max_prompt_length, acc.device, add_special_tokens=not conversational
+        )
         with acc.autocast():
             response_ids, response_mask, has_stop = generate_responses(
                 policy,
@@ -394,7 +471,7 @@ class PGTrainer(SavingMixin):
             response_ids,
             response_mask,
             has_stop,
-            prompts=prompts,
+            prompts=text,
             columns=columns_for(rows, cfg.prompt_column),
         )
         t = clock()
@@ -411,18 +488,49 @@ class PGTrainer(SavingMixin):
             rollout.logprobs, rollout.values, rollout.entropy = out["logprobs"], out["values"], out["entropy"]
         timings["time/policy_forward"] = clock() - t
         t = clock()
-        with acc.autocast(), reference_context(policy, self.ref_model) as ref:
-            rollout.ref_logprobs = rollout_forward(
-                ref, rollout, cfg.temperature, with_values=False, chunk_size=cfg.forward_batch_size
-            )["logprobs"]
+        if self.uses_reference:
+            with acc.autocast(), reference_context(policy, self.ref_model) as ref:
+                rollout.ref_logprobs = rollout_forward(
+                    ref, rollout, cfg.temperature, with_values=False, chunk_size=cfg.forward_batch_size
+                )["logprobs"]
         timings["time/ref_forward"] = clock() - t
         t = clock()
         rollout.completions = decode_completions(self.tokenizer, response_ids, response_mask)
-        rollout.scores = compute_scores(self.reward_fn, prompts, rollout.completions, rollout.columns, acc.device)
-        rollout.components = dict(getattr(self.reward_fn, "last_components", None) or {})
+        self._score(rollout, prompts, conversational)
         timings["time/reward"] = clock() - t
         timings["time/rollout"] = sum(timings.values())
         return rollout, timings
+
+    def _score(self, rollout: Rollout, prompts: list, conversational: bool) -> None:
+        """Score the rollout's completions: TRL's keyword contract (prompts as given, completion ids as sampled, the
+        trainer state, log_metric / log_extra, the other columns). Fills scores, scorable, components and the logs."""
+        log = RewardLog()
+        result = self.reward_fn.score(
+            RewardInputs(
+                prompts=prompts,
+                completions=rollout.completions,
+                completion_ids=completion_ids(rollout.response_ids, rollout.response_mask),
+                columns=rollout.columns,
+                rendered_prompts=rollout.prompts,
+                conversational=conversational,
+                trainer_state=self.state,
+                log=log,
+            )
+        )
+        device = self.accelerator.device
+        rollout.scores, rollout.scorable = result.total.to(device), result.scorable.to(device)
+        rollout.components = result.components
+        rollout.reward_metrics, rollout.extras = dict(log.metrics), dict(log.extras)
+        if not result.scorable.all():
+            unscorable = (~result.scorable).nonzero().flatten().tolist()
+            logger.warning(
+                "no reward applied to %d of %d samples (every reward returned None), e.g. the completion %r of the "
+                "prompt %r; they get no gradient this step (objective/unscorable_fraction)",
+                len(unscorable),
+                rollout.batch_size,
+                rollout.completions[unscorable[0]][:80],
+                str(rollout.prompts[unscorable[0]])[:80],
+            )
 
     @torch.no_grad()
     def evaluate(self, eval_dataset=None) -> dict[str, float]:
@@ -436,31 +544,44 @@ class PGTrainer(SavingMixin):
             raise DataError("evaluate() needs an eval_dataset (pass it here or to the trainer)")
         local = list(range(acc.process_index, len(ds), acc.num_processes))
         chunk = cfg.rollout_batch_size // acc.num_processes
-        parts: dict[str, list[torch.Tensor]] = {"scores": [], "kl": [], "length": []}
+        parts: dict[str, list[torch.Tensor]] = {"scores": [], "scorable": [], "kl": [], "length": []}
         components: dict[str, list[torch.Tensor]] = {}
+        logged: dict[str, list[float]] = {}
         for start in range(0, len(local), chunk):
             part = ds[local[start : start + chunk]]
             rows = [dict(zip(part, vals)) for vals in zip(*part.values())]
             r, _ = self.make_rollout(rows)
-            kl = ops.kl_per_token(r.logprobs, r.ref_logprobs, cfg.kl_estimator)
+            if r.ref_logprobs is not None:
+                kl = ops.kl_per_token(r.logprobs, r.ref_logprobs, cfg.kl_estimator)
+                parts["kl"].append(ops.masked_sum(kl, r.response_mask, 1))
             parts["scores"].append(r.scores)
-            parts["kl"].append(ops.masked_sum(kl, r.response_mask, 1))
+            parts["scorable"].append(r.scorable)
             parts["length"].append(r.response_mask.sum(1).float())
             for name, scores in r.components.items():
                 components.setdefault(name, []).append(scores)
-        m = global_moments(acc, {k: torch.cat(v) if v else torch.zeros(0, device=acc.device) for k, v in parts.items()})
+            for name, values in r.reward_metrics.items():
+                logged.setdefault(name, []).extend(values)
+        cat = {k: torch.cat(v) if v else torch.zeros(0, device=acc.device) for k, v in parts.items()}
+        scorable = cat.pop("scorable").bool()
+        cat["unscorable"] = (~scorable).float()
+        cat["scores"] = (cat["scores"], scorable)
+        m = global_moments(acc, cat)
         metrics = {
             "eval/scores": m["scores"].mean,
             "eval/scores_std": m["scores"].std,
             "eval/kl": m["kl"].mean,
             "eval/completion_length": m["length"].mean,
-            "eval/num_samples": m["scores"].count,
+            "eval/num_samples": m["length"].count,
+            "eval/unscorable_fraction": m["unscorable"].mean,
         }
+        if not self.uses_reference:
+            del metrics["eval/kl"]
         metrics.update(
             component_metrics(acc, self.reward_fn, {k: torch.cat(v) for k, v in components.items()}, "eval/reward")
         )
+        metrics.update(logged_metrics(acc, logged, "eval/reward"))
         self.log(metrics)
-        self._callback("on_evaluate", self.global_step, metrics)
+        self._callback("on_evaluate", metrics=metrics)
         return metrics
 
     def log(self, metrics: dict[str, float]) -> None:
@@ -474,7 +595,7 @@ class PGTrainer(SavingMixin):
             os.makedirs(self.config.output_dir, exist_ok=True)
             with open(os.path.join(self.config.output_dir, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(record) + "\n")
-        self._callback("on_log", self.global_step, metrics)
+        self._callback("on_log", logs=metrics)
 
     # ---- internals -----------------------------------------------------------------------------------------------
     def _gather_cpu(self, x: torch.Tensor) -> torch.Tensor:
@@ -498,9 +619,27 @@ class PGTrainer(SavingMixin):
         self.accelerator.init_trackers("hfpg", config=hparams)
         self._trackers_ready = True
 
-    def _callback(self, event: str, *args) -> None:
-        for cb in self.callbacks:
-            getattr(cb, event)(self, *args)
+    def _callback(self, event: str, **kwargs) -> TrainerControl:
+        """Fire ``event`` (transformers' name) on every callback; returns the (possibly replaced) ``self.control``."""
+        return self.callback_handler.fire(event, **kwargs)
+
+    @property
+    def global_step(self) -> int:
+        """Steps done; ``self.state.global_step``."""
+        return self.state.global_step
+
+    @global_step.setter
+    def global_step(self, value: int) -> None:
+        self.state.global_step = value
+
+    @property
+    def log_history(self) -> list[dict]:
+        """Every logged record (``{"step": N, **metrics}``); ``self.state.log_history``."""
+        return self.state.log_history
+
+    @log_history.setter
+    def log_history(self, value: list[dict]) -> None:
+        self.state.log_history = value
 
     def end_training(self) -> None:
         """Flush and close the trackers (TensorBoard writes its last events). Unlike ``Accelerator.end_training`` it
@@ -512,13 +651,23 @@ class PGTrainer(SavingMixin):
             self._trackers_ready = False
 
 
-def _resolve_reward(reward_fn, config: PGConfig):
-    """The reward to train against: ``reward_fn``, or the ``rewards:`` the config declares (built, not loaded)."""
+def _resolve_reward(reward_fn, config: PGConfig, reward_weights=None) -> CombinedReward:
+    """The reward to train against, as one :class:`CombinedReward`: ``reward_fn`` (a callable, a list of them with
+    ``reward_weights``, a reward-model id or model), or the ``rewards:`` the config declares (built, not loaded)."""
     if reward_fn is not None and config.rewards and getattr(reward_fn, "specs", None) != config.rewards:
         raise ConfigError(
             "both reward_fn and config.rewards are set; pass one (rewards: in YAML builds a "
-            "CombinedReward, reward_fn= takes any callable or CombinedReward)"
+            "CombinedReward, reward_fn= takes any callable, a list of them, or a CombinedReward)"
         )
+    if (
+        reward_weights is not None
+        and config.reward_weights is not None
+        and list(reward_weights) != list(config.reward_weights)
+    ):
+        raise ConfigError(
+            f"reward_weights={list(reward_weights)} and config.reward_weights={config.reward_weights} differ; pass one"
+        )
+    weights = reward_weights if reward_weights is not None else config.reward_weights
     if reward_fn is None and config.rewards:
         reward_fn = build_reward(
             config.rewards,
@@ -527,12 +676,44 @@ def _resolve_reward(reward_fn, config: PGConfig):
             config.reward_nonfinite,
             base_dir=config.base_dir,
         )
-    if reward_fn is None or not callable(reward_fn):
+    if reward_fn is None:
         raise TypeError(
-            "reward_fn must be a callable fn(prompts, completions, **columns) -> list[float] "
-            "(or declare rewards: in the config)"
+            "reward_fn (or reward_funcs) must be a callable fn(prompts, completions, **kwargs) -> list[float], a list "
+            "of them, or a reward-model id (or declare rewards: in the config)"
         )
-    return reward_fn
+    fns = list(reward_fn) if isinstance(reward_fn, (list, tuple)) else [reward_fn]
+    if not fns:
+        raise TypeError("reward_fn is an empty list; give at least one reward function")
+    fns = [_as_reward(fn) for fn in fns]
+    try:
+        return CombinedReward.wrap(
+            fns if isinstance(reward_fn, (list, tuple)) else fns[0],
+            weights,
+            normalize=config.reward_normalize,
+            clip=config.reward_clip,
+            nonfinite=config.reward_nonfinite,
+        )
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _as_reward(fn):
+    """A reward callable; a string or a ``torch.nn.Module`` is a reward model (as TRL's ``reward_funcs`` takes)."""
+    if isinstance(fn, (str, torch.nn.Module)):
+        return RewardModelReward(fn)
+    if not callable(fn):
+        raise TypeError(
+            f"reward {fn!r} is not callable: give a function fn(prompts, completions, **kwargs) -> list[float], a "
+            f"reward-model id, or a CombinedReward"
+        )
+    return fn
+
+
+def _one_of(name: str, value, alias: str, alias_value):
+    """``value`` or its TRL-named ``alias_value``; both given (and different) is an error naming both."""
+    if value is not None and alias_value is not None and value is not alias_value:
+        raise TypeError(f"{name}= and {alias}= name the same argument ({alias} is TRL's name); pass one")
+    return value if value is not None else alias_value
 
 
 def _as_config(config) -> PGConfig:

@@ -70,6 +70,23 @@ def tiny_gpt2(tokenizer, seed: int = 0, **overrides) -> GPT2LMHeadModel:
     return GPT2LMHeadModel(GPT2Config(**cfg)).eval()
 
 
+def small_run(tmp_path, **overrides) -> dict:
+    """PGConfig keys of a seconds-long run on a tiny model: 4 sequences a step, one pass, 2 steps, no trackers."""
+    cfg = dict(
+        output_dir=str(tmp_path / "run"),
+        max_steps=2,
+        rollout_batch_size=4,
+        mini_batch_size=4,
+        ppo_epochs=1,
+        learning_rate=1e-2,
+        max_new_tokens=4,
+        report_to=[],
+        disable_tqdm=True,
+    )
+    cfg.update(overrides)
+    return cfg
+
+
 def tiny_llama(tokenizer, seed: int = 0, **overrides) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     cfg = dict(

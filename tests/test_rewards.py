@@ -113,13 +113,17 @@ def test_wrong_length_and_bad_signature_name_the_part():
     def short(prompts, completions, **kw):
         return [1.0]
 
-    def no_kwargs(prompts, completions):
+    def no_kwargs(prompts, completions):  # gets only what its signature names (TRL's contract, filtered)
+        return [float(len(c)) for c in completions]
+
+    def needs_solution(completions, solution):
         return [1.0] * len(completions)
 
     with pytest.raises(RewardError, match=r"'short' returned 1 values for a batch of 4.*part 'short'"):
         CombinedReward({short: 1.0})(P, C)
-    with pytest.raises(RewardError, match=r"'no_kwargs' cannot be called.*\['references'\]"):
-        CombinedReward({no_kwargs: 1.0})(P, C, references=["x"] * 4)
+    assert CombinedReward({no_kwargs: 1.0})(P, C, references=["x"] * 4) == [1.0, 2.0, 3.0, 4.0]
+    with pytest.raises(RewardError, match=r"'needs_solution'.*needs 'solution'.*columns \['references'\]"):
+        CombinedReward({needs_solution: 1.0})(P, C, references=["x"] * 4)
 
 
 def test_constructor_errors():

@@ -50,11 +50,17 @@ def compute_advantages(
     """rollout tensors (B, T), scores (B,) -> kl, rewards, non_score_rewards, advantages, returns, all (B, T).
 
     With ``kl_penalty="reward"`` every token pays −β·KL; with ``"loss"`` the rewards hold the score only and the
-    update adds the KL term itself. Returns are taken before advantages are whitened.
+    update adds the KL term itself. Returns are taken before advantages are whitened. Unscorable samples
+    (``rollout.scorable`` False: no reward applied) enter no statistic and no baseline, and get advantage 0. Without a
+    reference model (``kl_coef`` 0) the KL is 0.
     """
     cfg = config
-    mask = rollout.response_mask
-    kl = torch.where(mask, ops.kl_per_token(rollout.logprobs, rollout.ref_logprobs, cfg.kl_estimator), 0.0)
+    mask = rollout.loss_mask
+    valid = rollout.scorable
+    if rollout.ref_logprobs is None:
+        kl = torch.zeros_like(rollout.logprobs)
+    else:
+        kl = torch.where(mask, ops.kl_per_token(rollout.logprobs, rollout.ref_logprobs, cfg.kl_estimator), 0.0)
     beta = kl_coef if cfg.kl_penalty == "reward" else 0.0
     rewards, non_score = ops.token_level_rewards(scores, kl, beta, mask)
     if cfg.whiten_rewards:
@@ -70,12 +76,13 @@ def compute_advantages(
         elif cfg.baseline == "value":
             advantages = returns - rollout.values
         elif cfg.baseline == "moving_average":
-            batch = global_moments(accelerator, {"returns": seq_returns}, device=seq_returns.device)["returns"]
+            pick = seq_returns if valid is None else (seq_returns, valid)
+            batch = global_moments(accelerator, {"returns": pick}, device=seq_returns.device)["returns"]
             advantages = returns - moving_average(batch.mean)
         elif cfg.baseline == "leave_one_out":
-            advantages = returns - ops.leave_one_out_baseline(seq_returns, k).unsqueeze(1)
+            advantages = returns - ops.leave_one_out_baseline(seq_returns, k, valid).unsqueeze(1)
         elif cfg.baseline == "group_norm":
-            advantages = ops.group_normalized(returns, seq_returns, k)
+            advantages = ops.group_normalized(returns, seq_returns, k, valid=valid)
         else:  # pragma: no cover - the config validates the choice
             raise ValueError(f"unknown baseline {cfg.baseline!r}")
         advantages = torch.where(mask, advantages, 0.0)

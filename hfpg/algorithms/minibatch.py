@@ -79,7 +79,7 @@ class MinibatchPolicyGradient(UpdateRule):
         B = rollout.batch_size
         mb_size = cfg.mini_batch_size // P  # this process's share of a minibatch
         micro = mb_size // cfg.gradient_accumulation_steps
-        b_mask = rollout.response_mask
+        b_mask = rollout.loss_mask  # real tokens of scorable samples
         stats = MetricSums()
         deepspeed = is_deepspeed(accelerator)
         early_stopped, epochs_done, n_updates = False, 0, 0
@@ -143,7 +143,7 @@ class MinibatchPolicyGradient(UpdateRule):
         """Loss of the rows ``idx`` (their forward, unless ``out`` holds it), backward. Returns ``{metric: (sum over
         real tokens, real tokens)}`` of this micro-batch."""
         cfg = self.config
-        mask = rollout.response_mask[idx]
+        mask = rollout.loss_mask[idx]
         need_entropy = cfg.ent_coef > 0
         if out is None:
             out = rollout_forward(

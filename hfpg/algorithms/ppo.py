@@ -1,4 +1,4 @@
-"""PPO (Schulman et al. 2017): the clipped surrogate ``max(-A·r, -A·clip(r, 1±ε))`` and the clipped value loss,
+"""PPO (Schulman et al. 2017): the clipped surrogate ``max(-A·r, -A·clip(r, 1-ε, 1+ε_high))``, the clipped value loss,
 over ``ppo_epochs`` passes of the shared minibatch loop (:mod:`hfpg.algorithms.minibatch`)."""
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ class PPO(MinibatchPolicyGradient):
         return self.config.ppo_epochs
 
     def policy_loss(self, new_logprobs, rollout, idx, advantages, weights):
+        cfg = self.config
         pg_tok, clipped, ratio = ops.ppo_policy_loss(
-            new_logprobs, rollout.logprobs[idx], advantages[idx], self.config.clip_range
+            new_logprobs, rollout.logprobs[idx], advantages[idx], cfg.clip_range, cfg.clip_range_high
         )
         pg_tok = weights * pg_tok  # truncated importance weights: 1 for fresh samples
         return pg_tok, {

@@ -73,7 +73,7 @@ class TRPO(UpdateRule):
     def _surrogate(self, log_dist, rollout, idx, advantages, kl_coef) -> torch.Tensor:
         """Σ over this micro-batch's real tokens of w·r·A (+ bonuses); divided by the global token count later."""
         cfg = self.config
-        mask = rollout.response_mask[idx]
+        mask = rollout.loss_mask[idx]
         logprobs = log_dist.gather(-1, rollout.response_ids[idx].unsqueeze(-1)).squeeze(-1)
         ratio = torch.exp(logprobs - rollout.logprobs[idx])
         weights = rollout.is_weights[idx] if rollout.is_weights is not None else 1.0
@@ -103,7 +103,7 @@ class TRPO(UpdateRule):
         params = [p for n, p in policy.named_parameters() if p.requires_grad and not n.startswith("v_head.")]
         device = rollout.response_mask.device
         micro = self._micro_batches(rollout, accelerator)
-        n_tok = global_sum(accelerator, rollout.response_mask.sum().double()).clamp(min=1.0)
+        n_tok = global_sum(accelerator, rollout.loss_mask.sum().double()).clamp(min=1.0)
         reduce = functools.partial(global_sum, accelerator)  # every sum below is over all processes
 
         # old distributions (no grad) and the policy gradient g at θ_old
@@ -126,7 +126,7 @@ class TRPO(UpdateRule):
             with _math_attention():
                 for idx, old_dist in zip(micro, old):
                     new_dist = self._log_dist(lm, rollout, idx)
-                    kl = self._kl_sum(old_dist, new_dist, rollout.response_mask[idx]) / n_tok
+                    kl = self._kl_sum(old_dist, new_dist, rollout.loss_mask[idx]) / n_tok
                     grads = torch.autograd.grad(kl.float(), params, create_graph=True, allow_unused=True)
                     grad_v = (_flat(grads, params) * v).sum()
                     out += _flat(torch.autograd.grad(grad_v, params, allow_unused=True), params)
@@ -173,7 +173,7 @@ class TRPO(UpdateRule):
         sur = torch.zeros((), dtype=torch.float64, device=n_tok.device)
         for idx, old_dist in zip(micro, old):
             new_dist = self._log_dist(lm, rollout, idx)
-            kl += self._kl_sum(old_dist, new_dist, rollout.response_mask[idx]).double()
+            kl += self._kl_sum(old_dist, new_dist, rollout.loss_mask[idx]).double()
             sur += self._surrogate(new_dist, rollout, idx, advantages, kl_coef).double()
         kl, sur = reduce(kl) / n_tok, reduce(sur) / n_tok
         return float(kl), float(sur - surrogate_old)
@@ -193,7 +193,7 @@ class TRPO(UpdateRule):
                     for idx in self._micro_batches(rollout, accelerator)
                 ]
             )  # (B, T, H)
-        mask = rollout.response_mask
+        mask = rollout.loss_mask
         n_tok = global_sum(accelerator, mask.sum().float()).clamp(min=1.0)
         first = last = None
         for _ in range(cfg.value_epochs):

@@ -1,8 +1,9 @@
-"""Rewards: any callable ``fn(prompts, completions, **columns) -> list[float]`` (the signature TRL users write),
-hfpg's built-ins, and ``CombinedReward`` to weigh several of them."""
+"""Rewards: any callable ``fn(prompts, completions, **kwargs) -> list[float | None]`` called with TRL's keyword
+contract (:mod:`hfpg.rewards.calling`), hfpg's built-ins, and ``CombinedReward`` to weigh several of them."""
 
-from .base import Reward, RewardError, RewardFunction, compute_scores, get_references, reward_name
-from .combined import CombinedReward
+from .base import Reward, RewardError, RewardFunction, get_references, reward_name
+from .calling import RewardInputs
+from .combined import CombinedReward, Scores
 from .metrics import BLEUReward, ChrFReward, EvaluateMetricReward, ROUGEReward, TERReward
 from .models import LMLikelihoodReward, RewardModelReward
 from .registry import build_reward, builtin_reward, builtin_rewards
@@ -20,12 +21,13 @@ __all__ = [
     "Reward",
     "RewardError",
     "RewardFunction",
+    "RewardInputs",
     "RewardModelReward",
+    "Scores",
     "TERReward",
     "build_reward",
     "builtin_reward",
     "builtin_rewards",
-    "compute_scores",
     "get_references",
     "reward_name",
 ]

@@ -12,30 +12,34 @@ import torch
 
 from ..errors import RewardError
 
-__all__ = ["Reward", "RewardError", "RewardFunction", "check_scores", "compute_scores", "get_references", "reward_name"]
+__all__ = ["Reward", "RewardError", "RewardFunction", "check_outputs", "check_scores", "get_references", "reward_name"]
 
 
 @runtime_checkable
 class RewardFunction(Protocol):
-    """``fn(prompts, completions, **columns) -> list[float]``: one score per completion.
+    """``fn(prompts, completions, **kwargs) -> list[float | None]``: one score per completion, TRL's contract.
 
-    ``columns`` holds the dataset's other columns for the same rows (e.g. ``references``), so a reward can read
-    per-row data. Plain functions, TRL reward functions and objects with ``__call__`` all fit. A function that
-    does not use the columns should still accept ``**kwargs``.
+    hfpg calls it with keywords only: ``prompts``, ``completions``, ``completion_ids``, ``trainer_state``,
+    ``log_metric``, ``log_extra`` and the dataset's other columns (e.g. ``references``); a function without
+    ``**kwargs`` gets only the names in its signature (see :mod:`hfpg.rewards.calling`). ``None`` marks a sample the
+    reward does not apply to. Plain functions, ``async def`` functions, TRL's ``trl.rewards`` and objects with
+    ``__call__`` all fit.
     """
 
-    def __call__(self, prompts: list[str], completions: list[str], **columns: Any) -> Sequence[float]: ...
+    def __call__(self, prompts: list, completions: list, **kwargs: Any) -> Sequence[float | None]: ...
 
 
 class Reward:
     """Base class of hfpg's built-in rewards: a :class:`RewardFunction` with a ``name`` and optional hooks.
 
-    ``setup(device, gather)`` is called once by the trainer: models move to ``device`` there (never wrapped by DDP);
-    ``gather`` concatenates a tensor over all processes (identity on one process), for statistics that must agree
-    across processes.
+    Built-ins read text (``reads_text``): with conversational data they receive the prompts as the policy saw them
+    (chat template applied) and the completions as strings. ``setup(device, gather)`` is called once by the trainer:
+    models move to ``device`` there (never wrapped by DDP); ``gather`` concatenates a tensor over all processes
+    (identity on one process), for statistics that must agree across processes.
     """
 
     name: str = "reward"
+    reads_text: bool = True
 
     def __call__(self, prompts: list[str], completions: list[str], **columns: Any) -> list[float]:
         raise NotImplementedError
@@ -92,10 +96,14 @@ def get_references(columns: dict[str, list], column: str, reward: str, n: int) -
     return refs
 
 
-def check_scores(out, name: str, completions: Sequence[str], allow_nonfinite: bool = False) -> torch.Tensor:
-    """Check a reward's output — one real number per completion — and return it as a (B,) fp32 CPU tensor.
+def check_outputs(
+    out, name: str, completions: Sequence[str], allow_nonfinite: bool = False, allow_none: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Check a reward's output — one real number (or ``None``: "not applicable") per completion.
 
-    Non-finite values are an error unless ``allow_nonfinite`` (the caller then replaces and counts them).
+    Returns ``(scores, applicable)``: (B,) fp32 CPU scores, NaN where the reward returned ``None``, and the (B,) bool
+    mask of the others. Non-finite numbers are an error unless ``allow_nonfinite`` (the caller replaces and counts
+    them); ``None`` is an error unless ``allow_none``.
     """
     n = len(completions)
     if isinstance(out, torch.Tensor):
@@ -112,40 +120,31 @@ def check_scores(out, name: str, completions: Sequence[str], allow_nonfinite: bo
             f"reward function {name!r} returned {len(out)} values for a batch of {n} completions; "
             f"it must return exactly one float per completion"
         )
-    bad_type = [i for i, v in enumerate(out) if isinstance(v, bool) or not isinstance(v, numbers.Real)]
+    bad_type = [
+        i
+        for i, v in enumerate(out)
+        if (v is not None or not allow_none) and (isinstance(v, bool) or not isinstance(v, numbers.Real))
+    ]
     if bad_type:
         i = bad_type[0]
         raise RewardError(
             f"reward function {name!r} returned a non-numeric value {out[i]!r} ({type(out[i]).__name__}) at row {i} "
             f"of a batch of {n} ({len(bad_type)} such rows); it must return floats"
+            + (" (or None for a sample it does not apply to)" if allow_none else "")
         )
     if not allow_nonfinite:
-        bad = [i for i, v in enumerate(out) if not math.isfinite(float(v))]
+        bad = [i for i, v in enumerate(out) if v is not None and not math.isfinite(float(v))]
         if bad:
+            shown = completions[bad[0]]
             raise RewardError(
                 f"reward function {name!r} returned {len(bad)} non-finite value(s) (NaN/inf) in a batch of {n}, "
-                f"first at row {bad[0]} (completion {completions[bad[0]][:60]!r}); no update was made"
+                f"first at row {bad[0]} (completion {str(shown)[:60]!r}); no update was made"
             )
-    return torch.tensor([float(v) for v in out], dtype=torch.float32)
+    applicable = torch.tensor([v is not None for v in out], dtype=torch.bool)
+    scores = torch.tensor([float("nan") if v is None else float(v) for v in out], dtype=torch.float32)
+    return scores, applicable
 
 
-def call_reward(fn, prompts: list[str], completions: list[str], columns: dict[str, list]):
-    """Call ``fn(prompts=..., completions=..., **columns)``, turning a signature mismatch into a clear error."""
-    try:
-        return fn(prompts=prompts, completions=completions, **columns)
-    except TypeError as e:
-        if "unexpected keyword argument" in str(e) or "required positional argument" in str(e):
-            raise RewardError(
-                f"reward function {reward_name(fn)!r} cannot be called as fn(prompts=..., completions=..., **columns) "
-                f"with the dataset's other columns {sorted(columns)} ({e}); give it the signature "
-                f"(prompts, completions, **kwargs)"
-            ) from e
-        raise
-
-
-def compute_scores(
-    fn, prompts: list[str], completions: list[str], columns: dict[str, list], device: torch.device | str = "cpu"
-) -> torch.Tensor:
-    """Call ``fn`` and check its output: one finite number per completion. Returns a (B,) fp32 tensor."""
-    out = call_reward(fn, prompts, completions, columns)
-    return check_scores(out, reward_name(fn), completions).to(device)
+def check_scores(out, name: str, completions: Sequence[str], allow_nonfinite: bool = False) -> torch.Tensor:
+    """:func:`check_outputs` for a reward that must score every completion: a (B,) fp32 CPU tensor."""
+    return check_outputs(out, name, completions, allow_nonfinite, allow_none=False)[0]

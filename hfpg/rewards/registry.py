@@ -11,9 +11,13 @@ rewards:
   - name: my_rewards:brevity        # my_rewards.py importable from the working directory (or the YAML's folder)
     weight: 0.5
     label: brevity                  # optional metric name
+  - factory: trl.rewards:get_soft_overlong_punishment   # called once with kwargs; what it returns is the reward
+    kwargs: {max_completion_len: 64, soft_punish_cache: 16}
 reward_normalize: running
 ```
-A function with ``kwargs`` gets them bound (``functools.partial``); a class is instantiated with them.
+``name: module:function`` with ``kwargs``: a function gets them bound on every call (``functools.partial``), a class
+is instantiated with them. ``factory: module:function``: the function is called once with ``kwargs`` and must return
+the reward callable (TRL's ``get_*`` rewards, anything that builds a reward from settings).
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from .metrics import BLEUReward, ChrFReward, EvaluateMetricReward, ROUGEReward, 
 from .models import LMLikelihoodReward, RewardModelReward
 from .shaping import LengthPenalty, RepetitionPenalty
 
-SPEC_KEYS = ("name", "weight", "kwargs", "label")
+SPEC_KEYS = ("name", "factory", "weight", "kwargs", "label")
 
 BUILTINS = {  # YAML name -> class; the classes import their scoring libraries (sacrebleu, ...) only when built
     "bleu": BLEUReward,
@@ -79,8 +83,22 @@ def spec_problems(specs: Any) -> list[str]:
                 hint = f"; did you mean {close!r}?" if close else f"; allowed keys are {list(SPEC_KEYS)}"
                 problems.append(f"{where} has an unknown key {key!r}{hint}")
         name = spec.get("name")
-        if not isinstance(name, str) or not name:
-            problems.append(f"{where} needs a 'name': a built-in ({', '.join(BUILTIN_NAMES)}) or module:function")
+        factory = spec.get("factory")
+        if factory is not None:
+            if name is not None:
+                problems.append(
+                    f"{where} has both 'name' and 'factory'; give one (factory: module:function builds the reward, "
+                    f"use label: to name it)"
+                )
+            elif not isinstance(factory, str) or ":" not in factory:
+                problems.append(
+                    f"{where}: factory must be module:function or path/to/file.py:function, got {factory!r}"
+                )
+        elif not isinstance(name, str) or not name:
+            problems.append(
+                f"{where} needs a 'name': a built-in ({', '.join(BUILTIN_NAMES)}) or module:function "
+                f"(or factory: module:function for a function that builds the reward)"
+            )
         elif ":" not in name and name not in BUILTIN_NAMES:
             close = closest(name, BUILTIN_NAMES, cutoff=0.5)
             hint = f"did you mean {close!r}? " if close else ""
@@ -131,8 +149,21 @@ def resolve_callable(target: str, base_dir: str | None = None):
 def build_reward_part(spec: dict | str, base_dir: str | None = None):
     """One reward callable from one spec entry, named by its ``label`` when given."""
     spec = {"name": spec} if isinstance(spec, str) else dict(spec)
-    name, kwargs = spec["name"], dict(spec.get("kwargs") or {})
-    if ":" in name:
+    name, kwargs = spec.get("name"), dict(spec.get("kwargs") or {})
+    if spec.get("factory"):
+        factory = resolve_callable(spec["factory"], base_dir)
+        try:
+            fn = factory(**kwargs)
+        except TypeError as e:
+            raise ValueError(
+                f"factory {spec['factory']!r} cannot be called with kwargs {sorted(kwargs)}: {e}"
+            ) from None
+        if not callable(fn):
+            raise ValueError(
+                f"factory {spec['factory']!r} returned {type(fn).__name__}, not a reward callable; for a reward "
+                f"function itself use name: {spec['factory']}"
+            )
+    elif ":" in name:
         target = resolve_callable(name, base_dir)
         if isinstance(target, type):
             fn = target(**kwargs)
@@ -177,6 +208,7 @@ class _Labelled:
 
     def __init__(self, fn, name: str):
         self.fn, self.name = fn, name
+        self.__wrapped__ = fn  # inspect.signature reads the reward's own signature through this
 
     def __call__(self, *args, **kwargs):
         return self.fn(*args, **kwargs)
