@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_gpt2
+from conftest import small_run, tiny_gpt2
 from peft import LoraConfig
 
 from hfpg import AutoModelForCausalLMWithValueHead, PGConfig, PGTrainer, TrainerCallback
@@ -66,19 +66,8 @@ def length_reward(prompts, completions, **columns):
 
 
 def make_trainer(tokenizer, tmp_path, model=None, reward=None, dataset=None, **overrides):
-    cfg = dict(
-        output_dir=str(tmp_path / "run"),
-        max_steps=2,
-        rollout_batch_size=8,
-        mini_batch_size=4,
-        ppo_epochs=2,
-        learning_rate=1e-2,
-        max_new_tokens=6,
-        kl_coef=0.01,
-        report_to=[],
-        disable_tqdm=True,
-    )
-    cfg.update(overrides)
+    defaults = dict(rollout_batch_size=8, ppo_epochs=2, max_new_tokens=6, kl_coef=0.01)
+    cfg = small_run(tmp_path, **{**defaults, **overrides})
     return PGTrainer(
         model if model is not None else tiny_gpt2(tokenizer),
         tokenizer,
