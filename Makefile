@@ -7,13 +7,14 @@ PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: help venv install lint format test test-slow test-all test-deepspeed test-trl-compat demo rm-demo bench bench-floor bench-peft bench-trl clean
+.PHONY: help venv install lint format test test-slow test-all test-deepspeed test-trl-compat test-faults demo rm-demo bench bench-floor bench-peft bench-trl clean
 
 help:
 	@echo "make test       create .venv, install hfpg[dev], lint (ruff check + format --check), run the fast tests"
 	@echo "make lint       ruff check and ruff format --check (line length 120, configured in pyproject.toml)"
 	@echo "make format     ruff format and the safe ruff check fixes, in place"
 	@echo "make test-slow  run the slow end-to-end tests only"
+	@echo "make test-faults kill -9 real runs at random steps and mid-checkpoint, resume, compare (~3 min; in test-slow)"
 	@echo "make test-all   run every test"
 	@echo "make test-deepspeed  install the deepspeed extra and run the ZeRO-3 gather test (2 CPU processes)"
 	@echo "make demo       offline PPO + LoRA on SmolLM2-135M (about 10 min on 2 CPU cores; ARGS='max_steps=4' to try)"
@@ -46,6 +47,10 @@ test: lint
 
 test-slow: $(VENV)/.installed
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+
+# kill -9 real `hfpg train` runs at random steps and mid-checkpoint, resume, compare with an uninterrupted run
+test-faults: $(VENV)/.installed
+	$(PY) -m pytest -m faults $(PYTEST_ARGS)
 
 test-all: $(VENV)/.installed
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -4,7 +4,7 @@ __version__ = "0.1.0"
 
 from .callbacks import TrainerCallback
 from .config import PGConfig
-from .errors import ConfigError, DataError, HubError, RewardError
+from .errors import CheckpointError, ConfigError, DataError, HubError, RewardError
 from .kl import AdaptiveKLController, FixedKLController
 from .modeling import AutoModelForCausalLMWithValueHead, create_reference_model
 from .rewards import (
@@ -27,6 +27,7 @@ __all__ = [
     "AdaptiveKLController",
     "AutoModelForCausalLMWithValueHead",
     "BLEUReward",
+    "CheckpointError",
     "ChrFReward",
     "CombinedReward",
     "ConfigError",

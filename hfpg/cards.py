@@ -5,6 +5,11 @@ A saved hfpg model folder holds the policy (a PEFT adapter, or a full / merged m
 the tokenizer, ``hfpg_config.yaml`` and a model card ``README.md`` whose YAML metadata is the single source of the
 card: the whole card is rebuilt from it, so a push (:mod:`hfpg.hub`) can name the repo in the usage snippet without
 rewriting the local file. Cards name Hub ids only, never local paths.
+
+Nothing machine-specific goes into any text file of a saved or pushed folder (:func:`portable_files`): a local model
+path becomes the Hub id it stands for when one is known (``model.hub_base_model``, the card's ``base_model``), else a
+path relative to the working directory when it lies inside it (it still loads from there), else its folder name;
+``output_dir`` and reward files or models in ``hfpg_config.yaml`` are written the same way (without the Hub id).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import json
 import math
 import os
 import re
+import tempfile
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -144,9 +150,10 @@ def trainer_card_metadata(trainer, merged: bool = False) -> dict:
 
 def render_model_card(meta: dict, repo_id: str | None = None, config: dict | None = None, folder: str | None = None):
     """A :class:`huggingface_hub.ModelCard` built from ``meta`` (see :func:`card_metadata`) and the training
-    config; the usage snippet loads ``repo_id``, or the local ``folder`` when the model is not pushed yet."""
+    config; the usage snippet loads ``repo_id``, or ``path/to/<folder name>`` when there is no repo id yet (never a
+    local path)."""
     config = config or {}
-    repo = repo_id or folder or "path/to/this/folder"
+    repo = repo_id or f"path/to/{os.path.basename(os.path.normpath(folder)) if folder else 'this/folder'}"
     is_adapter = meta.get("library_name") == "peft"
     base = meta.get("base_model")
     algorithm = next((t for t in meta.get("tags", []) if t in ALGORITHMS), "policy-gradient")
@@ -311,3 +318,133 @@ def read_json(path: str) -> dict | None:
         return None
     with open(path) as f:
         return json.load(f)
+
+
+# ---- nothing machine-specific in a saved or pushed folder ----------------------------------------------------------
+MODEL_PATH_KEYS = ("base_model_name_or_path", "_name_or_path", "name_or_path")  # -> the Hub id when one is known
+RUN_PATH_KEYS = ("output_dir", "logging_dir", "resume_from_checkpoint")  # a relative path or the folder name
+TEXT_SUFFIXES = (".json", ".yaml", ".yml")  # rewritten structurally; README.md is rebuilt from its metadata
+TOKEN_DATA = {"tokenizer.json", "vocab.json", "added_tokens.json"}  # tokens, which may look like paths: never touched
+SKIP_KEYS = {"added_tokens_decoder", "added_tokens", "vocab", "merges"}
+
+
+def _absolute(path) -> str | None:
+    """``path`` as an absolute, normalised local path when it is one (``/...``, ``C:\\...``, ``~/...``), else None."""
+    if not isinstance(path, str) or not path.strip() or "\n" in path:
+        return None
+    expanded = os.path.expanduser(path)
+    if not os.path.isabs(expanded):
+        return None
+    full = os.path.normpath(expanded)
+    return full if os.path.dirname(full) != full else None  # "/" alone is no path worth rewriting
+
+
+def _local_roots() -> list[str]:
+    roots = [os.getcwd(), os.path.expanduser("~"), tempfile.gettempdir()]
+    return [os.path.normpath(r) for r in roots if r and os.path.dirname(os.path.normpath(r)) != os.path.normpath(r)]
+
+
+def is_local_path(value) -> bool:
+    """An absolute path of this machine: one that exists here, or lies under the working directory, the home folder
+    or the temporary folder (strings that merely start with ``/``, such as a regex, are left alone)."""
+    full = _absolute(value)
+    if full is None:
+        return False
+    return os.path.exists(full) or any(full == r or full.startswith(r + os.sep) for r in _local_roots())
+
+
+def portable_path(path: str, hub_id: str | None = None) -> str:
+    """``path`` as a saved or pushed file may name it: unchanged when it is relative (or a Hub id); an absolute path
+    becomes ``hub_id`` when given, else the path relative to the working directory when it lies inside it (it still
+    loads from there), else its last component (``/data/models/my-base`` -> ``my-base``)."""
+    full = _absolute(path)
+    if full is None:
+        return path
+    if hub_id:
+        return hub_id
+    cwd = os.path.normpath(os.getcwd())
+    if os.path.dirname(cwd) != cwd and full.startswith(cwd + os.sep):
+        return os.path.relpath(full, cwd).replace(os.sep, "/")
+    return os.path.basename(full)
+
+
+def _portable_target(target: str) -> str:
+    """``/abs/rewards.py:fn`` (a reward or factory spec) -> ``rewards.py:fn``; ``module:fn`` is left alone."""
+    module, sep, attr = target.rpartition(":")
+    if sep and _absolute(module) is not None:
+        return f"{portable_path(module)}:{attr}"
+    return target
+
+
+def portable_value(value, hub_id: str | None = None, key: str | None = None):
+    """``value`` (plain JSON / YAML data) with every local path made portable (see :func:`portable_path`): model
+    locations (``base_model_name_or_path``, ``_name_or_path``, ``name_or_path``) become ``hub_id`` when it is known
+    and they are not that Hub id already; ``output_dir`` and other absolute paths of this machine lose their folders."""
+    if isinstance(value, dict):
+        return {k: v if k in SKIP_KEYS else portable_value(v, hub_id, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [portable_value(v, hub_id, key) for v in value]
+    if not isinstance(value, str):
+        return value
+    if key in MODEL_PATH_KEYS:
+        if hub_id and value and not is_hub_id(value):  # a local folder (absolute or relative): its Hub id
+            return hub_id
+        return portable_path(value)
+    if key in RUN_PATH_KEYS:
+        return portable_path(value)
+    if key in ("name", "factory") and ":" in value:
+        return _portable_target(value)
+    return portable_path(value) if is_local_path(value) else value
+
+
+def portable_config(config: dict) -> dict:
+    """The training config as ``hfpg_config.yaml`` records it: :func:`portable_value` (no Hub id: ``output_dir``,
+    reward files and reward models keep only their relative path or folder name)."""
+    return portable_value(config)
+
+
+def config_yaml(config: dict) -> str:
+    """``hfpg_config.yaml``'s text for ``config`` (a :meth:`PGConfig.to_dict`), made portable."""
+    return yaml.safe_dump(portable_config(config), sort_keys=False, allow_unicode=True)
+
+
+def portable_files(folder: str, hub_id: str | None = None, files: list[str] | None = None) -> dict[str, bytes]:
+    """The JSON / YAML files of ``folder`` (relative paths; default: every file under it) that name a local path,
+    each as it reads once made portable (:func:`portable_value`; ``hub_id`` replaces local model locations). Files
+    that need no change, and tokenizer vocabularies, are left out."""
+    if files is None:
+        files = []
+        for root, _, names in os.walk(folder):
+            files += [os.path.relpath(os.path.join(root, n), folder).replace(os.sep, "/") for n in names]
+    out = {}
+    for rel in sorted(files):
+        name = os.path.basename(rel)
+        if not name.endswith(TEXT_SUFFIXES) or name in TOKEN_DATA:
+            continue
+        path = os.path.join(folder, rel)
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+            is_json = name.endswith(".json")
+            data = json.loads(text) if is_json else yaml.safe_load(text)
+        except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError):
+            continue  # not data this module can read: left as it is
+        fixed = portable_value(data, hub_id)
+        if fixed == data:
+            continue
+        if is_json:
+            out[rel] = (json.dumps(fixed, indent=2, ensure_ascii=False) + "\n").encode()
+        else:
+            out[rel] = yaml.safe_dump(fixed, sort_keys=False, allow_unicode=True).encode()
+    return out
+
+
+def make_portable(folder: str, hub_id: str | None = None) -> None:
+    """Rewrite, in place, each JSON / YAML file of a folder being saved that names a local path (see
+    :func:`portable_files`); ``hub_id``: the base model's Hub id (ignored unless it is one)."""
+    for rel, data in portable_files(folder, hub_id if is_hub_id(hub_id) else None).items():
+        path = os.path.join(folder, rel)
+        tmp = path + ".tmp"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)

@@ -7,13 +7,18 @@ import argparse
 import glob
 import json
 import os
+import re
 import sys
+import tempfile
+import time
 
+import yaml
 from accelerate import PartialState
+from huggingface_hub.errors import HFValidationError
 
 from . import __version__
 from .config import PGConfig
-from .errors import ConfigError, DataError, HubError, RewardError
+from .errors import CheckpointError, ConfigError, DataError, HubError, RewardError, TrainingError
 from .hub import push_model_folder
 from .recipe import load_models, load_prompts, load_recipe, load_tokenizer
 from .reward_modeling import RMConfig, train_reward_model
@@ -50,7 +55,15 @@ def _recipes(args) -> int:
 
 
 def _train(args) -> int:
-    recipe = load_recipe(args.recipe, args.overrides)
+    recipe_path, overrides, resume = args.recipe, list(args.overrides), args.resume
+    if isinstance(resume, str) and not os.path.exists(resume):
+        if "=" in resume:  # `--resume max_steps=8`: the flag, then an override
+            overrides, resume = [*overrides, resume], True
+        elif resume.endswith((".yaml", ".yml")) and "=" in recipe_path:  # `--resume recipe.yaml k=v`
+            recipe_path, overrides, resume = resume, [recipe_path, *overrides], True
+    if resume is not None:  # validated with the recipe (it cannot go with overwrite_output_dir)
+        overrides.append(f"resume_from_checkpoint={'true' if resume is True else json.dumps(resume)}")
+    recipe = load_recipe(recipe_path, overrides)
     paths = train_recipe(recipe)
     if not PartialState().is_main_process:  # under accelerate launch / torchrun: one summary, from rank 0
         return 0
@@ -65,14 +78,34 @@ def _eval(args) -> int:
     if args.model:
         recipe.model.name_or_path, recipe.model.gguf_file, recipe.model.peft = args.model, None, None
     cfg = recipe.training
+    output = args.output or _eval_output(cfg.output_dir)
     tokenizer = load_tokenizer(recipe.model)
     train, evals = load_prompts(recipe.data, tokenizer, recipe.base_dir, cfg.seed, cfg.chat_template_kwargs)
     model, ref = load_models(recipe.model, with_reference=cfg.kl_coef > 0)
-    recipe.training.report_to = []
-    trainer = PGTrainer(model, tokenizer, recipe.training, train_dataset=train, eval_dataset=evals, ref_model=ref)
-    metrics = trainer.evaluate(evals if evals is not None else train)
+    cfg.report_to = []
+    # the trainer's own logs (metrics.jsonl) go to a scratch folder: never into a training run's metrics.jsonl
+    with tempfile.TemporaryDirectory(prefix="hfpg-eval-") as scratch:
+        cfg.output_dir = scratch
+        trainer = PGTrainer(model, tokenizer, cfg, train_dataset=train, eval_dataset=evals, ref_model=ref)
+        metrics = trainer.evaluate(evals if evals is not None else train)
+    if not trainer.accelerator.is_main_process:
+        return 0
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    with open(output, "w") as f:
+        json.dump(metrics, f, indent=2)
     print(json.dumps(metrics, indent=2))
+    print(f"hfpg: wrote {output}", file=sys.stderr)
     return 0
+
+
+def _eval_output(run_dir: str) -> str:
+    """``RUN_DIR/eval-<date>-<time>.json``, a name no earlier evaluation used."""
+    stem = os.path.join(run_dir, f"eval-{time.strftime('%Y%m%d-%H%M%S')}")
+    path, n = f"{stem}.json", 1
+    while os.path.exists(path):
+        n += 1
+        path = f"{stem}-{n}.json"
+    return path
 
 
 def _push(args) -> int:
@@ -129,21 +162,35 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train with a recipe: evaluate on held-out prompts, train, evaluate again, and "
         "write the run directory (config, metrics, TensorBoard, samples, final model, "
         "reward/KL plot, report.md). Overrides use dotted keys: model.name_or_path=..., "
-        "data.max_train_samples=8, max_steps=10, rewards.0.weight=2.",
+        "data.max_train_samples=8, max_steps=10, rewards.0.weight=2. One run per output_dir: --resume continues "
+        "an interrupted run from its checkpoints, overwrite_output_dir=true starts over.",
     )
     p.add_argument("recipe", help="a recipe YAML, e.g. recipes/configs/ppo_smollm2_sentiment.yaml")
     p.add_argument("overrides", nargs="*", help="key=value pairs (values parsed as YAML)")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="CHECKPOINT",
+        help="continue the run in output_dir from its newest checkpoint (or CHECKPOINT, a checkpoint-N folder); "
+        "give the recipe and overrides it was started with, before --resume: max_steps, logging, eval and save "
+        "steps may change, batch sizes, seed, algorithm, model and data may not. Without --resume (or "
+        "overwrite_output_dir=true) a used output_dir is an error",
+    )
     p.set_defaults(func=_train)
 
     p = sub.add_parser(
         "eval",
         help="score a policy on a recipe's held-out prompts with the recipe's rewards",
         description="Sample completions for the recipe's eval prompts (or its train prompts when it "
-        "has none) and print mean reward, each reward part, KL and length.",
+        "has none) and print mean reward, each reward part, KL and length as JSON, also written to "
+        "OUTPUT_DIR/eval-<date>-<time>.json (or --output); a training run's metrics.jsonl is never written.",
     )
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*")
     p.add_argument("--model", help="a trained policy folder (e.g. RUN_DIR/final); default: the recipe's base model")
+    p.add_argument("--output", help="the JSON file to write (default: the recipe's output_dir/eval-<date>-<time>.json)")
     p.set_defaults(func=_eval)
 
     p = sub.add_parser(
@@ -207,14 +254,51 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "file", None) and "=" in args.file and not args.file.endswith((".yaml", ".yml")):
         args.overrides = [args.file, *args.overrides]
         args.file = None
+    hints: dict[str, str] = {}
     try:
+        hints = _override_hints(getattr(args, "overrides", None) or [])
         return args.func(args)
-    except (ConfigError, DataError, RewardError, HubError) as e:
+    except ConfigError as e:
+        message = str(e)
+        for key, hint in hints.items():  # a value YAML read as a mapping where a string was meant: say so
+            if re.search(rf"(?<![\w.]){re.escape(key)}=", message):
+                message = f"{message}; {hint}"
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    except (CheckpointError, DataError, RewardError, HubError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:  # a model or file that cannot be found or downloaded
-        print(f"error: {e}", file=sys.stderr)
+    except (OSError, HFValidationError) as e:  # a model or file that cannot be found or downloaded
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
+    except TrainingError as e:  # the run itself failed (non-finite updates); its last checkpoint is intact
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+def _override_hints(overrides: list[str]) -> dict[str, str]:
+    """Check that each ``key=value`` value is valid YAML (a :class:`ConfigError` naming the override otherwise) and
+    return, by key, a hint for each value that YAML reads as a mapping or list although it is not written as one
+    (``data.prompt_template=Q: {q}``): shown when that key's value is refused."""
+    hints = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            continue  # reported by the loader: not of the form key=value
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(
+                f"override {item!r}: the value is not valid YAML ({problem}); fix it (lists are [a, b], mappings "
+                f"{{k: v}}), or quote it to pass it as a string: '{key}=\"{raw}\"'"
+            ) from None
+        if isinstance(value, (dict, list)) and raw.lstrip()[:1] not in ("{", "[", "-"):
+            kind = "a mapping (`key: value`)" if isinstance(value, dict) else "a list"
+            hints[key.strip()] = (
+                f"YAML reads {raw!r} as {kind}: quote the value to pass it as a string, e.g. '{key}=\"{raw}\"'"
+            )
+    return hints
 
 
 if __name__ == "__main__":

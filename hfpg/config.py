@@ -19,7 +19,16 @@ import yaml
 from .algorithms import ALGORITHMS, rule_class
 from .errors import ConfigError
 from .rewards.registry import spec_problems
-from .schema import apply_overrides, build_or_raise, folder_of, format_problems, loadable_fields, read_yaml, to_dict
+from .schema import (
+    apply_overrides,
+    build_or_raise,
+    coerce,
+    folder_of,
+    format_problems,
+    loadable_fields,
+    read_yaml,
+    to_dict,
+)
 from .trl_names import TRL_KEY_HINTS
 
 __all__ = ["ConfigError", "PGConfig"]
@@ -77,6 +86,11 @@ class PGConfig:
     adam_beta2: float = _f(0.999, "AdamW beta2.")
     adam_epsilon: float = _f(1e-8, "AdamW epsilon.")
     max_grad_norm: float | None = _f(1.0, "Clip the global gradient norm to this (None = no clipping).")
+    max_nonfinite_steps: int = _f(
+        3,
+        "Stop with an error after this many consecutive updates that skipped an optimizer step on a non-finite "
+        "loss or gradient (0 = never stop).",
+    )
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass to save memory.")
     mixed_precision: str = _f("no", "Accelerate mixed precision.", choices=("no", "fp16", "bf16"))
     fuse_policy_forward: bool = _f(
@@ -187,6 +201,16 @@ class PGConfig:
     eval_steps: int = _f(0, "Evaluate on eval_dataset every N steps (0 = only when evaluate() is called).")
     save_steps: int = _f(0, "Save a resumable checkpoint every N steps (0 = never).")
     save_total_limit: int | None = _f(None, "Keep at most this many checkpoints (oldest deleted first).")
+    resume_from_checkpoint: bool | str | None = _f(
+        None,
+        "Continue a run: true = the newest checkpoint in output_dir, a path = that checkpoint (recipes and "
+        "`hfpg train --resume`; PGTrainer.train() when it is given none).",
+    )
+    overwrite_output_dir: bool = _f(
+        False,
+        "Clear the previous run's checkpoints, metrics, samples, report and final model from output_dir before "
+        "starting (without it, or resume_from_checkpoint, a used output_dir is an error).",
+    )
     merge_adapter: bool = _f(
         False, "save_model / the final model: write the PEFT adapter merged into a full model instead of the adapter."
     )
@@ -211,11 +235,28 @@ class PGConfig:
     def __post_init__(self) -> None:
         if isinstance(self.report_to, str):  # transformers accepts "tensorboard", "none" and "all" as strings
             self.report_to = [] if self.report_to == "none" else [self.report_to]
+        problems = self._type_problems()
+        if problems:  # the checks below compare numbers: a value of the wrong type would fail inside them
+            raise ConfigError(format_problems(TITLE, problems), problems)
         problems = self.problems()
         if problems:
             raise ConfigError(format_problems(TITLE, problems), problems)
 
     # ---- validation --------------------------------------------------------------------------------------------
+    def _type_problems(self) -> list[str]:
+        """Each field's value checked against its annotation, as the YAML loader does (:func:`hfpg.schema.coerce`),
+        so that ``PGConfig(learning_rate="abc")`` in Python names the key too; a value that fits is converted in
+        place as the loader converts it (``3`` -> ``3.0`` for a float, ``"1e-5"`` -> ``1e-05``). NaN and infinity
+        are refused for every float. Internal fields (``base_dir``) are the loader's and are not checked."""
+        p = []
+        for f in loadable_fields(type(self)):
+            value, error = coerce(f.name, getattr(self, f.name), f.type)
+            if error:
+                p.append(error)
+            else:
+                setattr(self, f.name, value)
+        return p
+
     def problems(self, num_processes: int = 1) -> list[str]:
         """Every inconsistency in this config (empty when it can run on ``num_processes`` processes)."""
         p: list[str] = []
@@ -224,6 +265,8 @@ class PGConfig:
             value = getattr(self, f.name)
             if choices and value not in choices:
                 p.append(f"{f.name}={value!r} is not one of {list(choices)}")
+            if isinstance(value, float) and not math.isfinite(value):  # also a value set after construction
+                p.append(f"{f.name}={value!r} must be a finite number (NaN and infinity are refused)")
 
         def positive(name: str, allow_zero: bool = False) -> None:
             v = getattr(self, name)
@@ -256,8 +299,11 @@ class PGConfig:
             "top_k",
             "eval_steps",
             "save_steps",
+            "max_nonfinite_steps",
         ):
             positive(name, allow_zero=True)
+        if not self.adam_epsilon > 0:  # 0 divides 0 by 0 where a gradient is 0: NaN weights
+            p.append(f"adam_epsilon={self.adam_epsilon!r} must be > 0")
         for name in ("gamma", "lam", "adam_beta1", "adam_beta2"):
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
@@ -277,6 +323,8 @@ class PGConfig:
                 p.append(f"{name}={v!r} must be > 0 or null")
         if self.min_new_tokens > self.max_new_tokens:
             p.append(f"min_new_tokens={self.min_new_tokens} exceeds max_new_tokens={self.max_new_tokens}")
+        if self.resume_from_checkpoint not in (None, False) and self.overwrite_output_dir:
+            p.append("resume_from_checkpoint continues the run that overwrite_output_dir=true deletes: set one of them")
         if self.push_to_hub and not self.hub_model_id:
             p.append("push_to_hub=true needs hub_model_id (e.g. hub_model_id=your-name/my-model)")
         if not isinstance(self.report_to, list):

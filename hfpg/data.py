@@ -53,15 +53,45 @@ def load_splits(
         kwargs["data_files"] = relative_to(data_files, base_dir)
     elif builder and os.path.isfile(local_file):
         path, kwargs["data_files"] = builder, local_file
+    for file in _local_files(kwargs.get("data_files")):
+        with open(file, "rb") as f:
+            empty = not f.read(1 << 16).strip()
+        if empty and os.path.getsize(file) < 1 << 16:
+            raise DataError(
+                f"data: the data file {file} is empty; it needs at least one row (for .jsonl: one JSON object per "
+                f'line, e.g. {{"prompt": "..."}})'
+            )
     try:
         train = datasets.load_dataset(path, split=split, **kwargs)
         evals = datasets.load_dataset(path, split=eval_split, **kwargs) if eval_split else None
     except (FileNotFoundError, ValueError) as e:  # a missing file, an unknown split, bad builder arguments
         raise DataError(f"data: {e}") from None
+    if hasattr(train, "__len__") and len(train) == 0:
+        raise DataError(f"data: split {split!r} of {path} has no rows; give a dataset with at least one prompt")
     if evals is None and eval_size:
-        parts = train.train_test_split(test_size=eval_size, seed=seed)
+        n = len(train)
+        shown = f"{path} ({kwargs['data_files']})" if kwargs.get("data_files") else path
+        whole = isinstance(eval_size, int) and not isinstance(eval_size, bool)
+        if (whole and not 0 < eval_size < n) or (not whole and not 0 < eval_size < 1):
+            raise DataError(
+                f"data.eval_size={eval_size!r} must hold out part of the {n} rows of {shown}: a number of rows from 1 "
+                f"to {n - 1}, or a fraction between 0 and 1 (e.g. 0.1); or set data.eval_split"
+            )
+        try:
+            parts = train.train_test_split(test_size=eval_size, seed=seed)
+        except ValueError as e:  # a fraction that leaves no row on one side
+            raise DataError(f"data.eval_size={eval_size!r} does not split the {n} rows of {shown}: {e}") from None
         train, evals = parts["train"], parts["test"]
     return train, evals
+
+
+def _local_files(data_files) -> list[str]:
+    """The existing local files among ``data_files`` (a path, a list, or a dict of split -> path(s))."""
+    if isinstance(data_files, dict):
+        return [f for v in data_files.values() for f in _local_files(v)]
+    if isinstance(data_files, (list, tuple)):
+        return [f for v in data_files for f in _local_files(v)]
+    return [data_files] if isinstance(data_files, str) and os.path.isfile(data_files) else []
 
 
 class Rows:
@@ -266,10 +296,9 @@ class StreamSampler:
 
     Checkpointable through the dataset's own resumable iteration (``IterableDataset.state_dict``): a resumed run
     continues with the next unseen rows, within the limits datasets documents (a shuffle buffer's rows may be
-    refilled with others). Under torch.distributed, :meth:`state_dict` gathers every process's position (a
-    collective: every process calls it, as ``Accelerator.save_state`` does), so the main process's checkpoint file
-    resumes them all. ``seed`` is recorded only: the stream's order is its own (shuffle it with
-    ``stream.shuffle(seed=..., buffer_size=...)``)."""
+    refilled with others). :meth:`state_dict` holds this process's position (plain data: JSON); each process saves
+    and loads its own (the trainer's ``hfpg_state_<rank>.json``). ``seed`` is recorded only: the stream's order is
+    its own (shuffle it with ``stream.shuffle(seed=..., buffer_size=...)``)."""
 
     def __init__(self, dataset, global_batch: int, seed: int, process_index: int = 0, num_processes: int = 1):
         if global_batch % num_processes:
@@ -312,12 +341,13 @@ class StreamSampler:
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        local = {"epoch": self.epoch, "dataset": self.stream.state_dict()}
+        """This process's position in its part of the stream (every process saves its own)."""
         return {
-            **local,
+            "epoch": self.epoch,
+            "dataset": self.stream.state_dict(),
             "seed": self.seed,
+            "process_index": self.process_index,
             "num_processes": self.num_processes,
-            "processes": _gather_objects(local, self.num_processes),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -326,22 +356,15 @@ class StreamSampler:
                 f"the checkpoint was made with {state['num_processes']} processes, each reading its own part of the "
                 f"stream; resume with the same number of processes ({self.num_processes} now)"
             )
-        local = (state.get("processes") or [state] * self.num_processes)[self.process_index]
-        self.epoch = int(local["epoch"])
+        if state.get("process_index", self.process_index) != self.process_index:
+            raise DataError(
+                f"this stream position is process {state['process_index']}'s, not process {self.process_index}'s: "
+                f"each process resumes from its own state"
+            )
+        self.epoch = int(state["epoch"])
         self.stream.set_epoch(self.epoch)
-        self.stream.load_state_dict(local["dataset"])  # applied when the next pass of this epoch starts
+        self.stream.load_state_dict(state["dataset"])  # applied when the next pass of this epoch starts
         self._iterator = None
-
-
-def _gather_objects(obj, num_processes: int) -> list | None:
-    """``obj`` of every process (under an initialised torch.distributed with several processes), else None."""
-    import torch.distributed as dist
-
-    if num_processes < 2 or not (dist.is_available() and dist.is_initialized()):
-        return None
-    out: list = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
 
 
 def make_sampler(dataset, global_batch: int, seed: int, process_index: int = 0, num_processes: int = 1):

@@ -24,3 +24,12 @@ class RewardError(ValueError):
 
 class HubError(RuntimeError):
     """The Hub could not be reached or refused a request; the message names the cause and the fix."""
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on: e.g. updates kept producing a NaN/inf loss or gradient. The message says what went wrong
+    and what to try (a lower learning_rate, max_grad_norm, a reward without huge values)."""
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot resume a run exactly (incomplete, corrupt, other setup); the message names the file."""

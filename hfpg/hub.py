@@ -8,7 +8,6 @@ Hub can answer with becomes a :class:`HubError` that says what went wrong and ho
 from __future__ import annotations
 
 import fnmatch
-import json
 import logging
 import os
 import shutil
@@ -17,7 +16,15 @@ import tempfile
 from huggingface_hub import CommitOperationAdd, HfApi, constants, get_token
 from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError
 
-from .cards import CARD_FILE, folder_metadata, merged_metadata, read_config, read_json, render_model_card
+from .cards import (
+    CARD_FILE,
+    folder_metadata,
+    merged_metadata,
+    portable_files,
+    read_config,
+    read_json,
+    render_model_card,
+)
 from .errors import HubError
 from .modeling import AutoModelForCausalLMWithValueHead
 from .sources import is_hub_id, repo_id_shaped
@@ -193,15 +200,14 @@ def model_folder(path: str) -> str:
 
 def hub_files(folder: str, repo_id: str, meta: dict | None = None) -> dict[str, bytes]:
     """Files a push writes differently from the local folder: the card naming ``repo_id`` in its usage snippet, and
-    ``adapter_config.json`` pointing at the card's Hub ``base_model`` when it points at a local folder."""
+    every JSON / YAML file that still names a local path (a folder saved by an older hfpg, or by hand) made portable
+    (:func:`hfpg.cards.portable_files`): ``adapter_config.json`` / ``config.json`` point at the card's Hub
+    ``base_model`` (else the base folder's name), ``hfpg_config.yaml`` keeps no absolute path."""
     meta = meta or folder_metadata(folder)
     card = render_model_card(meta, repo_id, read_config(folder))
-    files = {CARD_FILE: str(card).encode()}
-    adapter = read_json(os.path.join(folder, "adapter_config.json"))
     base = meta.get("base_model")
-    if adapter is not None and is_hub_id(base) and adapter.get("base_model_name_or_path") != base:
-        adapter["base_model_name_or_path"] = base
-        files["adapter_config.json"] = (json.dumps(adapter, indent=2, sort_keys=True) + "\n").encode()
+    files = portable_files(folder, base if is_hub_id(base) else None, files_to_upload(folder))
+    files[CARD_FILE] = str(card).encode()
     return files
 
 
@@ -235,7 +241,7 @@ def push_model_folder(
             dry_run=dry_run,
         )
     with tempfile.TemporaryDirectory(prefix="hfpg-merge-") as tmp:
-        model = AutoModelForCausalLMWithValueHead.from_pretrained(folder)
+        model = _load_for_merge(folder)
         model.save_pretrained(tmp, merge=True)
         del model
         for name in os.listdir(folder):  # tokenizer files, hfpg_config.yaml, ...
@@ -259,3 +265,21 @@ def push_model_folder(
             shown_folder=folder,
             dry_run=dry_run,
         )
+
+
+def _load_for_merge(folder: str):
+    """The adapter of ``folder`` on its base model; a base that cannot be found is a :class:`HubError` saying so (a
+    saved folder names its base by Hub id, else by a path relative to the working directory or the folder's name)."""
+    try:
+        return AutoModelForCausalLMWithValueHead.from_pretrained(folder)
+    except (OSError, ValueError) as e:
+        base = (read_json(os.path.join(folder, "adapter_config.json")) or {}).get("base_model_name_or_path")
+        fix = (
+            "for a Hub id, check the network and HF_HUB_OFFLINE; for a local base (named by its path relative to the "
+            "working directory, or its folder name), run from the folder that holds it"
+        )
+        raise HubError(
+            f"cannot merge {folder}: its base model {base!r} (adapter_config.json's base_model_name_or_path) could "
+            f"not be loaded ({type(e).__name__}: {_first_line(e)}); {fix}, or push without --merge. Nothing was "
+            f"pushed and {folder} is unchanged."
+        ) from None

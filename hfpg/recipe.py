@@ -22,6 +22,7 @@ Overrides use dotted keys: ``model.name_or_path=./tiny``, ``data.max_train_sampl
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -36,7 +37,7 @@ from .data import load_splits
 from .errors import ConfigError, DataError
 from .modeling import AutoModelForCausalLMWithValueHead, peft_config_from_dict
 from .schema import apply_overrides, build, folder_of, format_problems, read_yaml, to_dict
-from .sources import materialize_gguf, resolve_source
+from .sources import materialize_gguf, repo_id_shaped, resolve_source
 
 
 @dataclass
@@ -145,7 +146,7 @@ def recipe_from_dict(raw: dict, path: str | None = None) -> Recipe:
 # ---- model -----------------------------------------------------------------------------------------------------------
 def _source_and_kwargs(spec: ModelSpec) -> tuple[str, dict, torch.dtype]:
     """Where the model's files are (``pkg:`` resolved, GGUF de-quantised and cached), loader kwargs, and the dtype."""
-    source = resolve_source(spec.name_or_path)
+    source = existing_source(spec.name_or_path, "model.name_or_path")
     dtype = getattr(torch, spec.dtype, None)
     if not isinstance(dtype, torch.dtype):
         raise ConfigError(f"model.dtype={spec.dtype!r} is not a torch dtype (float32, bfloat16, float16)")
@@ -154,25 +155,126 @@ def _source_and_kwargs(spec: ModelSpec) -> tuple[str, dict, torch.dtype]:
     return source, {"trust_remote_code": spec.trust_remote_code}, dtype
 
 
+def existing_source(name: str, key: str) -> str:
+    """``name`` with ``pkg:`` resolved; a :class:`ConfigError` when it is a local path (absolute, ``./``, ``~/``, or
+    not shaped like a Hub id) that does not exist, instead of the Hub's "Repo id must be in the form ..."."""
+    source = resolve_source(name)
+    path = os.path.expanduser(source)
+    local = os.path.isabs(path) or source.startswith((".", "~")) or not repo_id_shaped(source)
+    if local and not os.path.exists(path):
+        where = "" if os.path.isabs(path) else f" (relative paths start from the working directory, {os.getcwd()})"
+        raise ConfigError(
+            f"{key}={name!r}: the folder {os.path.abspath(path)} does not exist{where}; give an existing model folder "
+            f"(written by save_pretrained) or a Hub model id such as 'openai-community/gpt2'"
+        )
+    return source
+
+
+def has_tokenizer_files(folder: str) -> bool:
+    """Whether ``folder`` holds any tokenizer file: ``tokenizer.json`` / ``tokenizer_config.json``, a vocabulary
+    (``vocab.json``, ``vocab.txt``, ``merges.txt``) or a sentencepiece / tiktoken model (``*.model``, ...)."""
+    return any(
+        name.startswith(("tokenizer", "vocab", "merges")) or name.endswith((".model", ".spm", ".tiktoken"))
+        for name in os.listdir(folder)
+        if os.path.isfile(os.path.join(folder, name))
+    )
+
+
 def load_tokenizer(spec: ModelSpec):
-    """The tokenizer the model section names (its own ``tokenizer``, else the model's)."""
+    """The tokenizer the model section names (its own ``tokenizer``, else the model's). A folder without tokenizer
+    files (a model saved without ``tokenizer.save_pretrained``) is a :class:`ConfigError` saying so."""
     source, kwargs, _ = _source_and_kwargs(spec)
-    return AutoTokenizer.from_pretrained(resolve_source(spec.tokenizer) if spec.tokenizer else source, **kwargs)
+    key = "model.tokenizer" if spec.tokenizer else "model.name_or_path"
+    if spec.tokenizer:
+        source = existing_source(spec.tokenizer, key)
+    problem = (
+        "it has no tokenizer files (tokenizer.json, tokenizer_config.json, vocab.json, tokenizer.model, ...)"
+        if os.path.isdir(source) and not has_tokenizer_files(source)
+        else None
+    )
+    tokenizer = None
+    if problem is None:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        if len(tokenizer) == 0:
+            problem = "it loaded with an empty vocabulary"
+    if problem:
+        raise ConfigError(
+            f"could not load a tokenizer from {source} ({key}): {problem}; save the model's tokenizer there "
+            f"(tokenizer.save_pretrained(folder)) or set model.tokenizer=<a Hub id or folder that has one>"
+        )
+    return tokenizer
+
+
+# heads of models that are not text generators: a classifier or reward model given as the policy
+NON_CAUSAL_HEADS = (
+    "ForSequenceClassification",
+    "ForTokenClassification",
+    "ForQuestionAnswering",
+    "ForMaskedLM",
+    "ForMultipleChoice",
+    "ForNextSentencePrediction",
+    "ForImageClassification",
+    "ForAudioClassification",
+    "ForCTC",
+)
+
+
+def check_causal(architectures, name: str, key: str) -> None:
+    """A :class:`ConfigError` when every architecture of a model's config is a classification (or masked-LM) head:
+    AutoModelForCausalLM would otherwise load, e.g., a GPT2ForSequenceClassification as a language model with a
+    random LM head and train it without a word of warning that matters."""
+    archs = [a for a in architectures or [] if isinstance(a, str)]
+    if archs and all(a.endswith(NON_CAUSAL_HEADS) for a in archs):
+        raise ConfigError(
+            f"{key}={name!r} is a {archs[0]}, not a causal language model (...ForCausalLM / ...LMHeadModel); give a "
+            f"text-generation model there. A classifier or reward model belongs in rewards: "
+            f"{{name: reward_model, kwargs: {{model: {name}}}}}"
+        )
+
+
+def _load_causal(loader, source: str, name: str, key: str, **kwargs):
+    """``loader.from_pretrained(source)`` after checking a local folder's architecture, turning transformers' "not a
+    causal LM" errors into a :class:`ConfigError`."""
+    config = os.path.join(source, "config.json")
+    if os.path.isfile(config):
+        with open(config) as f:
+            check_causal(json.load(f).get("architectures"), name, key)
+    try:
+        model = loader.from_pretrained(source, **kwargs)
+    except ValueError as e:
+        if "Unrecognized configuration class" not in str(e):
+            raise
+        raise ConfigError(
+            f"{key}={name!r} is not a causal language model ({str(e).splitlines()[0][:200]}); give a "
+            f"text-generation model (...ForCausalLM)"
+        ) from None
+    check_causal(getattr(getattr(model, "config", None), "architectures", None), name, key)
+    return model
 
 
 def load_models(spec: ModelSpec, with_reference: bool = True):
     """(AutoModelForCausalLMWithValueHead, ref_model or None) as the model section describes; ``model.ref_model`` is
-    loaded only when ``with_reference`` (a run with ``kl_coef: 0`` uses none).
+    loaded only when ``with_reference`` (a run with ``kl_coef: 0`` uses none). A model that is not a causal LM (a
+    classifier, say) is a :class:`ConfigError`.
 
     A GGUF checkpoint is de-quantised once and cached as safetensors (a GGUF-loaded model refuses save_pretrained,
     so it is rebuilt from its config and state dict first); later runs load the cache in seconds.
     """
     source, kwargs, dtype = _source_and_kwargs(spec)
     peft_config = peft_config_from_dict(spec.peft) if spec.peft else None
-    model = AutoModelForCausalLMWithValueHead.from_pretrained(source, peft_config=peft_config, dtype=dtype, **kwargs)
+    model = _load_causal(
+        AutoModelForCausalLMWithValueHead,
+        source,
+        spec.name_or_path,
+        "model.name_or_path",
+        peft_config=peft_config,
+        dtype=dtype,
+        **kwargs,
+    )
     ref = None
     if spec.ref_model and with_reference:
-        ref = AutoModelForCausalLM.from_pretrained(resolve_source(spec.ref_model), dtype=dtype, **kwargs)
+        ref_source = existing_source(spec.ref_model, "model.ref_model")
+        ref = _load_causal(AutoModelForCausalLM, ref_source, spec.ref_model, "model.ref_model", dtype=dtype, **kwargs)
     return model, ref
 
 

@@ -69,7 +69,12 @@ class ReplayBuffer:
         return {"capacity": self.capacity, "group_size": self.group_size, "groups": list(self.groups)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.capacity, self.group_size = state["capacity"], state["group_size"]
+        need = {*_KEEP, "scores", "step"}
+        for i, group in enumerate(state["groups"]):
+            missing = need - set(group)
+            if missing:
+                raise ValueError(f"replay buffer group {i} lacks {sorted(missing)}")
+        self.capacity, self.group_size = int(state["capacity"]), int(state["group_size"])
         self.groups = deque(state["groups"])
 
 

@@ -5,18 +5,24 @@ run = RecipeRun(load_recipe("recipes/configs/ppo_gpt2_sentiment.yaml"))
 run.evaluate("before"); run.trainer.train(); run.evaluate("after"); run.finish()
 ```
 The run directory (``output_dir``) gets the resolved ``config.yaml``, ``metrics.jsonl``, TensorBoard events in
-``runs/``, ``samples.jsonl``, the trained model or adapter in ``final/``, ``reward_kl.png`` and ``report.md``.
+``runs/``, ``samples.jsonl``, ``eval.json`` (the held-out evaluations, with their samples), the trained model or
+adapter in ``final/``, ``reward_kl.png`` and ``report.md``.
+
+One run per directory (:mod:`hfpg.rundir`): a used ``output_dir`` is an error unless the recipe continues that run
+(``resume_from_checkpoint: true`` or a checkpoint path, ``hfpg train --resume``; its config.yaml must agree on
+what the checkpoint was built for, and its "before" evaluation is read back from eval.json) or clears it first
+(``overwrite_output_dir: true``).
 """
 
 from __future__ import annotations
 
-import json
 import os
 
 import yaml
 from accelerate import PartialState
 from transformers import set_seed
 
+from . import rundir
 from .distributed import accelerator_kwargs
 from .hub import push_model_folder
 from .recipe import Recipe, load_models, load_prompts, load_tokenizer
@@ -35,10 +41,11 @@ class RecipeRun:
         cfg = recipe.training
         self.output_dir = cfg.output_dir
         state = PartialState(**accelerator_kwargs())  # this process's rank under a launcher; the Accelerator reuses it
+        self.resume = self._check_output_dir(state.is_main_process)  # before anything is written or loaded
         if state.is_main_process:
             os.makedirs(self.output_dir, exist_ok=True)
-            with open(os.path.join(self.output_dir, "config.yaml"), "w") as f:
-                yaml.safe_dump(recipe.to_dict(), f, sort_keys=False)
+            identity = {**recipe.to_dict(), "resume_from_checkpoint": None, "overwrite_output_dir": False}
+            rundir.write_atomic(os.path.join(self.output_dir, "config.yaml"), yaml.safe_dump(identity, sort_keys=False))
         if reward_fn is None:  # built (lazily: no model loads) before the policy, so a bad reward fails fast
             reward_fn = build_reward(
                 cfg.rewards, cfg.reward_normalize, cfg.reward_clip, cfg.reward_nonfinite, base_dir=recipe.base_dir
@@ -65,9 +72,26 @@ class RecipeRun:
             ref_model=ref_model,
             callbacks=[samples, *callbacks],
         )
+        rundir.mark_started(self.trainer)  # checked above: its train() must not take the "before" metrics for a run
         self._describe_for_card()
         self.results: dict[str, dict] = {}
         self.samples: dict[str, list[dict]] = {}
+
+    def _check_output_dir(self, main: bool) -> str | None:
+        """The checkpoint this run continues (None for a new run): a used output_dir is refused unless the recipe
+        resumes it (with a config its checkpoint can continue) or overwrites it (cleared here, by the main process)."""
+        cfg = self.recipe.training
+        if not cfg.resume_from_checkpoint:
+            rundir.check_fresh_or_resume(self.output_dir, None, cfg.overwrite_output_dir, clear=main)
+            return None
+        checkpoint = rundir.resolve_checkpoint(self.output_dir, cfg.resume_from_checkpoint)
+        rundir.check_resume(self.output_dir, self.recipe.to_dict(), checkpoint)
+        step = rundir.checkpoint_step(checkpoint)
+        if main and step is not None:  # before anything is logged again (train() checks once more, loaded)
+            rundir.drop_logs_after(self.output_dir, step)
+        if cfg.resume_from_checkpoint is not True:
+            cfg.resume_from_checkpoint = checkpoint  # a folder name inside output_dir, made a path
+        return checkpoint
 
     def _describe_for_card(self) -> None:
         """What the model card names as base model and datasets: Hub ids only, never local paths."""
@@ -83,11 +107,24 @@ class RecipeRun:
         """Held-out metrics (and a few samples) under ``tag`` ("before" / "after"); None without eval prompts."""
         if self.eval_dataset is None or not self.recipe.report.before_after:
             return None
+        saved = rundir.read_json(os.path.join(self.output_dir, "eval.json")) if self.resume and tag == "before" else {}
+        if tag in saved and tag in saved.get("samples", {}):  # a resumed run's "before" was evaluated when it began
+            self.results[tag], self.samples[tag] = saved[tag], saved["samples"][tag]
+            return self.results[tag]
         self.results[tag] = self.trainer.evaluate()
         n = min(self.recipe.report.num_samples, len(self.eval_dataset))
         rows = [self.eval_dataset[i] for i in range(n)]
         self.samples[tag] = sample_table(self.trainer, rows)
+        if tag == "before":  # kept for the report of a resumed run
+            self._write_evaluations()
         return self.results[tag]
+
+    def _write_evaluations(self) -> None:
+        """eval.json: the evaluations so far by tag, and their samples under "samples" (main process)."""
+        if self.trainer.accelerator.is_main_process:
+            rundir.write_json(
+                os.path.join(self.output_dir, "eval.json"), {**self.results, "samples": dict(self.samples)}
+            )
 
     def finish(self) -> dict[str, str]:
         """Save the final model/adapter, the plot and the report; returns their paths."""
@@ -113,8 +150,7 @@ class RecipeRun:
                 self.samples["after"],
                 paths.get("plot"),
             )
-            with open(os.path.join(out, "eval.json"), "w") as f:
-                json.dump({"before": self.results["before"], "after": self.results["after"]}, f, indent=2)
+            self._write_evaluations()
         cfg = self.recipe.training
         if cfg.push_to_hub:  # last: a refused push leaves a complete run directory behind
             paths["hub"] = push_model_folder(
@@ -128,9 +164,10 @@ class RecipeRun:
 
 
 def train_recipe(recipe: Recipe, reward_fn=None) -> dict[str, str]:
-    """Everything ``hfpg train`` does: evaluate, train, evaluate again, write the run directory."""
+    """Everything ``hfpg train`` does: evaluate, train, evaluate again, write the run directory; with
+    ``resume_from_checkpoint``, continue the run in ``output_dir`` from that checkpoint."""
     run = RecipeRun(recipe, reward_fn=reward_fn)
     run.evaluate("before")
-    run.trainer.train()
+    run.trainer.train(resume_from_checkpoint=run.resume)
     run.evaluate("after")
     return run.finish()

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import numbers
 import os
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -148,7 +150,34 @@ def coerce(key: str, value: Any, annotation: Any) -> tuple[Any, str | None]:
         if ok:
             return converted, None
         kinds.append(_KINDS.get(base, base))
+    if any(m.split("[")[0] == "float" for m in members) and _nonfinite(value):
+        return None, f"{key}={value!r} must be a finite number (NaN and infinity are refused)"
     return None, f"{key}={value!r} must be {' or '.join(dict.fromkeys(kinds))}"
+
+
+def _number(value: Any) -> float | None:
+    """``value`` as a float when it reads as a number (a real number, or a string such as YAML's ``1e-5``), else
+    None. An integer too large for a float is infinity."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:  # YAML's own spellings, quoted: ".inf", "-.inf", ".NaN"
+            special = value.strip().lower()
+            return float(special.replace(".", "")) if special in (".inf", "+.inf", "-.inf", ".nan") else None
+    if isinstance(value, numbers.Real):
+        try:
+            return float(value)
+        except OverflowError:
+            return math.inf
+    return None
+
+
+def _nonfinite(value: Any) -> bool:
+    """Whether ``value`` reads as NaN or ±infinity (``.nan`` / ``.inf`` in YAML, ``"nan"``, ``float("inf")``)."""
+    number = _number(value)
+    return number is not None and not math.isfinite(number)
 
 
 def _convert(base: str, value: Any) -> tuple[bool, Any]:
@@ -157,16 +186,16 @@ def _convert(base: str, value: Any) -> tuple[bool, Any]:
     if isinstance(value, bool):  # True is an int to Python, never a number in a config
         return base not in ("int", "float", "str", "list", "dict"), value
     if base == "int":
-        if isinstance(value, int) or (isinstance(value, float) and value.is_integer()):
+        if isinstance(value, numbers.Integral):  # int, numpy integers
+            return True, int(value)
+        if isinstance(value, float) and value.is_integer():
             return True, int(value)
         return False, None
-    if base == "float":
-        if isinstance(value, str):  # YAML reads 1e-5 (no dot) as a string
-            try:
-                return True, float(value)
-            except ValueError:
-                return False, None
-        return isinstance(value, (int, float)), float(value) if isinstance(value, (int, float)) else None
+    if base == "float":  # a finite number: NaN and infinity are refused (see coerce's message)
+        number = _number(value)  # YAML reads 1e-5 (no dot) as a string
+        if number is None or not math.isfinite(number):
+            return False, None
+        return True, number
     if base == "str":
         return isinstance(value, str), value
     if base == "list":

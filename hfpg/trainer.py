@@ -14,7 +14,7 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase, TrainerControl, get_scheduler
 
-from . import ops
+from . import guards, ops, rundir
 from .algorithms import build_algorithm
 from .callbacks import CallbackHandler, TrainerCallback, sync_state, trainer_state
 from .chat import is_conversational, render
@@ -268,9 +268,9 @@ class PGTrainer(SavingMixin):
         return model, optimizer, scheduler  # the scheduler is not prepared: Accelerate would step it per process
 
     def _setup_run_state(self) -> None:
-        """What a checkpoint holds beside the weights, registered with Accelerate in this order: scheduler, KL
-        controller, score shaper, prompt sampler, update rule, replay buffer, a stateful reward. The reward is set up
-        on this process's device, with running statistics over all processes."""
+        """What a checkpoint holds beside the weights: scheduler, KL controller, score shaper, prompt sampler, update
+        rule, replay buffer, a stateful reward (``SavingMixin._checkpoint_objects``). The reward is set up on this
+        process's device, with running statistics over all processes."""
         config, acc = self.config, self.accelerator
         self.kl_ctl = build_kl_controller(config)
         self.score_shaper = ScoreShaper(config)
@@ -283,14 +283,9 @@ class PGTrainer(SavingMixin):
             if config.replay_buffer_size
             else None
         )
-        for obj in (self.scheduler, self.kl_ctl, self.score_shaper, self.sampler, self.algorithm, self.replay):
-            if obj is not None:
-                acc.register_for_checkpointing(obj)
+        # not registered with Accelerate (its custom state is a pickle of the main process's objects only): each
+        # process saves its own as JSON + safetensors (saving.py)
         setup_reward(self.reward_fn, device=acc.device, gather=self._gather_cpu)  # models never go into DDP
-        if callable(getattr(self.reward_fn, "state_dict", None)) and callable(
-            getattr(self.reward_fn, "load_state_dict", None)
-        ):
-            acc.register_for_checkpointing(self.reward_fn)
 
     # ---- public API ------------------------------------------------------------------------------------------------
     @property
@@ -306,6 +301,8 @@ class PGTrainer(SavingMixin):
         ``should_evaluate`` / ``should_save`` log, evaluate (with an eval_dataset) or save this step, unless the
         ``logging_steps`` / ``eval_steps`` / ``save_steps`` schedule already did."""
         cfg = self.config
+        # one run per output_dir: fresh, resumed (default: config.resume_from_checkpoint) or overwrite_output_dir
+        resume_from_checkpoint = rundir.start_training(self, resume_from_checkpoint)
         if resume_from_checkpoint:
             self.load_checkpoint(resume_from_checkpoint)
         sync_state(self.state, cfg)
@@ -406,6 +403,9 @@ class PGTrainer(SavingMixin):
         metrics.update(component_metrics(self.accelerator, self.reward_fn, rollout.components))
         metrics.update(logged_metrics(self.accelerator, rollout.reward_metrics))
         metrics.update(update_metrics)
+        # consecutive updates with skipped non-finite steps (this trainer's, not checkpointed): stops the run before
+        # train() logs or saves this step once max_nonfinite_steps is reached
+        self._nonfinite_streak = guards.nonfinite_streak(getattr(self, "_nonfinite_streak", 0), metrics, cfg)
         metrics.update(timings)
         metrics["time/step"] = step_time = self._clock() - t_step
         tokens = global_sum(
@@ -592,6 +592,7 @@ class PGTrainer(SavingMixin):
         if self.config.report_to:
             self.accelerator.log(metrics, step=self.global_step)
         if self.accelerator.is_main_process:
+            rundir.before_first_write(self)  # what output_dir held before this trainer wrote there
             os.makedirs(self.config.output_dir, exist_ok=True)
             with open(os.path.join(self.config.output_dir, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(record) + "\n")

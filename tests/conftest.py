@@ -23,6 +23,10 @@ CORPUS = [
 ] * 4
 
 
+# sixteen words for small prompt files (recipes, run directories, fault injection)
+WORDS = "the cat sat on the mat and a good day with good food for the dog".split()  # noqa: SIM905
+
+
 def make_tokenizer(pad_is_eos: bool = False) -> PreTrainedTokenizerFast:
     from tokenizers import ByteLevelBPETokenizer
 

@@ -115,7 +115,8 @@ def test_a_short_two_process_run_learns(tmp_path):
     assert scores[-1] == pytest.approx(sum(local) / len(local), rel=1e-6)
     ckpt = tmp_path / "learn" / "checkpoint-30"
     assert (ckpt / "trainer_state.json").is_file()
-    assert {p.name for p in ckpt.glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
+    assert {p.name for p in ckpt.glob("hfpg_state_*.json")} == {"hfpg_state_0.json", "hfpg_state_1.json"}
+    assert not list(ckpt.glob("*.pkl"))  # every process's state, and no pickle
     assert len(list(ckpt.glob("model*.safetensors"))) == 1  # the model is written once
 
 

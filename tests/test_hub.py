@@ -128,7 +128,8 @@ def test_saved_folder_has_a_model_card_with_metadata_and_the_resolved_config(run
     assert metrics["reward/shorter/mean"] == pytest.approx(last_train["reward/shorter/mean"], rel=1e-3)
     assert "AutoPeftModelForCausalLM.from_pretrained" in card.text and "| shorter | 0.5 |" in card.text
     config = PGConfig.from_yaml(os.path.join(folder, "hfpg_config.yaml"))
-    assert config.to_dict() == run.config.to_dict()
+    local = os.path.basename(run.config.output_dir)  # no absolute local path leaves the machine
+    assert config.to_dict() == {**run.config.to_dict(), "output_dir": local}
 
 
 def test_full_model_card_and_hub_id_guess(tokenizer, tmp_path):
@@ -182,10 +183,10 @@ def test_trainer_push_uploads_the_saved_folder_with_card_and_hub_adapter_config(
     )
     for name in ("adapter_model.safetensors", "value_head.safetensors", "hfpg_config.yaml"):
         assert fake_hub.files[name] == Path(folder, name).read_bytes()
-    # the pushed adapter points at the Hub base; the local one keeps the local path that works here
+    # the pushed and the saved adapter both name the Hub base the card names: no local path in either
     assert json.loads(fake_hub.files["adapter_config.json"])["base_model_name_or_path"] == "openai-community/gpt2"
     local = json.loads(Path(folder, "adapter_config.json").read_text())["base_model_name_or_path"]
-    assert local.endswith("base")
+    assert local == "openai-community/gpt2"
     card = fake_hub.card()
     assert 'from_pretrained("me/tiny-ppo")' in card.text and card.data.base_model == "openai-community/gpt2"
     assert card.data.to_dict()["rewards"][1] == {"name": "shorter", "weight": 0.5}
@@ -204,7 +205,14 @@ def test_cli_push_uploads_a_run_directory_without_writing_to_it(run, fake_hub, c
     assert snapshot(run.config.output_dir) == before
 
 
-def test_cli_push_merge_uploads_a_full_model_that_plain_transformers_loads(run, fake_hub, tmp_path, tokenizer):
+def test_cli_push_merge_uploads_a_full_model_that_plain_transformers_loads(
+    run, fake_hub, tmp_path, tokenizer, monkeypatch
+):
+    # merging needs the base weights: offline, point the saved adapter at the local base (relative, as saved folders
+    # name a local base that has no Hub id) and work from its folder
+    adapter = Path(run.config.output_dir, "final", "adapter_config.json")
+    adapter.write_text(json.dumps({**json.loads(adapter.read_text()), "base_model_name_or_path": "base"}))
+    monkeypatch.chdir(tmp_path)
     before = snapshot(run.config.output_dir)
     assert main(["push", run.config.output_dir, "me/tiny-ppo-merged", "--merge"]) == 0
     assert snapshot(run.config.output_dir) == before
@@ -317,7 +325,8 @@ def test_cli_push_folder_without_a_card_still_gets_one(run, fake_hub, tmp_path):
     assert main(["push", str(folder), "me/bare"]) == 0
     assert not (folder / "README.md").exists()
     meta = fake_hub.card().data.to_dict()
-    assert meta["library_name"] == "peft" and "hfpg" in meta["tags"] and "base_model" not in meta  # local base
+    assert meta["library_name"] == "peft" and "hfpg" in meta["tags"]
+    assert meta["base_model"] == "openai-community/gpt2"  # from the saved adapter config, which names the Hub base
     assert yaml.safe_load(io.BytesIO(fake_hub.files["hfpg_config.yaml"]))["algorithm"] == "ppo"
 
 

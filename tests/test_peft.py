@@ -73,7 +73,8 @@ def test_peft_config_argument_wraps_the_model_and_trains_adapter_and_value_head(
         )
 
 
-def test_saved_adapter_loads_with_plain_peft_and_gives_identical_logits(tokenizer, tmp_path):
+def test_saved_adapter_loads_with_plain_peft_and_gives_identical_logits(tokenizer, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a local base is saved relative to the working directory (never an absolute path)
     base_path, base = saved_base(tokenizer, tmp_path)
     trainer = trained_lora_trainer(tokenizer, tmp_path, base)
     policy = trainer.unwrapped_model.eval()
@@ -90,7 +91,9 @@ def test_saved_adapter_loads_with_plain_peft_and_gives_identical_logits(tokenize
         "README.md",
     } <= files
     assert "model.safetensors" not in files  # only the adapter: the base is not duplicated
-    assert json.loads(Path(out, "adapter_config.json").read_text())["base_model_name_or_path"] == base_path
+    assert json.loads(Path(out, "adapter_config.json").read_text())["base_model_name_or_path"] == os.path.relpath(
+        base_path
+    )
 
     plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path), out).eval()
     torch.testing.assert_close(logits_of(plain, batch), expected, rtol=0, atol=0)
@@ -104,7 +107,8 @@ def test_saved_adapter_loads_with_plain_peft_and_gives_identical_logits(tokenize
     torch.testing.assert_close(a.logits, b.logits, rtol=0, atol=0)
     torch.testing.assert_close(a.values, b.values, rtol=0, atol=0)
     assert b.values.abs().sum() > 0  # the value head trained, so this compares something
-    assert PGConfig.from_yaml(os.path.join(out, "hfpg_config.yaml")).to_dict() == trainer.config.to_dict()
+    saved = PGConfig.from_yaml(os.path.join(out, "hfpg_config.yaml")).to_dict()
+    assert saved == {**trainer.config.to_dict(), "output_dir": os.path.relpath(trainer.config.output_dir)}
 
 
 def test_merged_save_loads_with_plain_transformers_and_leaves_the_policy_alone(tokenizer, tmp_path):

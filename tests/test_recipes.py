@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_gpt2, tiny_llama
+from conftest import WORDS, tiny_gpt2, tiny_llama
 from transformers import GPT2Config, GPT2ForSequenceClassification
 
 from hfpg import ConfigError
@@ -80,24 +80,7 @@ def stand_ins(tmp_path_factory):
     )
     rm.save_pretrained(root / "reward_model")
     make_tokenizer().save_pretrained(root / "reward_model")
-    words = [
-        "the",
-        "cat",
-        "sat",
-        "on",
-        "the",
-        "mat",
-        "and",
-        "a",
-        "good",
-        "day",
-        "with",
-        "good",
-        "food",
-        "for",
-        "the",
-        "dog",
-    ]
+    words = WORDS
     with open(root / "reviews.jsonl", "w") as f:
         for i in range(24):
             f.write(json.dumps({"text": " ".join(words[i % 5 : i % 5 + 9]), "label": i % 2}) + "\n")

@@ -202,7 +202,7 @@ def test_a_batch_no_reward_applies_to_moves_no_weight(tokenizer, tmp_path):
     assert all(torch.equal(before[k], after[k]) for k in before)  # no gradient from value, entropy or KL terms
 
     half = [{"prompt": p, "task": "math" if i % 2 else "code"} for i, p in enumerate(PROMPTS)]
-    trainer = trainer_for(tokenizer, tmp_path, code_only, dataset=half, num_samples_per_prompt=1)
+    trainer = trainer_for(tokenizer, tmp_path / "half", code_only, dataset=half, num_samples_per_prompt=1)
     metrics = trainer.train()
     assert metrics["objective/unscorable_fraction"] == 0.5 and metrics["objective/scores"] == 1.0
 

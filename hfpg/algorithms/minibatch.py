@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 
 import torch
 
 from .. import ops
 from ..distributed import is_deepspeed
+from ..errors import TrainingError
 from ..forward import rollout_forward
 from ..stats import MetricSums, global_sum
 from .base import UpdateRule
@@ -73,7 +75,11 @@ class MinibatchPolicyGradient(UpdateRule):
         """``epochs`` × minibatches of optimizer steps. Returns global mean metrics.
 
         first_forward: :meth:`training_forward`'s outputs (rows in rollout order), used by the first micro-batch
-        instead of a second forward."""
+        instead of a second forward.
+
+        A minibatch whose loss (any micro-batch) or global gradient norm is NaN/inf on any process takes no optimizer
+        step: its gradients are dropped and the weights stay bit-identical (``policy/nonfinite_steps`` counts these;
+        see :meth:`_finish_minibatch`)."""
         cfg = self.config
         P = accelerator.num_processes
         B = rollout.batch_size
@@ -82,7 +88,7 @@ class MinibatchPolicyGradient(UpdateRule):
         b_mask = rollout.loss_mask  # real tokens of scorable samples
         stats = MetricSums()
         deepspeed = is_deepspeed(accelerator)
-        early_stopped, epochs_done, n_updates = False, 0, 0
+        early_stopped, epochs_done, n_updates, n_nonfinite, n_overflow = False, 0, 0, 0, 0
         micro_step = functools.partial(self._micro_step, model, accelerator, rollout, advantages, returns, kl_coef)
         model.train()
         for _epoch in range(self.epochs):
@@ -93,6 +99,7 @@ class MinibatchPolicyGradient(UpdateRule):
                 mb_tokens = global_sum(accelerator, b_mask[mb_idx].sum().float())
                 normaliser = (mb_tokens / P).clamp(min=1.0)
                 mb_approx_kl = MetricSums()
+                loss_bad = torch.zeros((), dtype=torch.bool, device=b_mask.device)  # a non-finite micro-batch loss
                 for k, micro_start in enumerate(range(0, mb_size, micro)):
                     idx = mb_idx[micro_start : micro_start + micro]
                     last = k == cfg.gradient_accumulation_steps - 1
@@ -103,21 +110,15 @@ class MinibatchPolicyGradient(UpdateRule):
                     if first_forward is not None:  # the rows of idx, from the forward that is already done
                         out, first_forward = {k: v[idx] for k, v in first_forward.items()}, None
                     with sync:
-                        sums = micro_step(idx, normaliser, out)
+                        sums, loss = micro_step(idx, normaliser, out)
+                    loss_bad |= ~torch.isfinite(loss)  # no sync: read once per optimizer step
                     for name, (total, count) in sums.items():
                         stats.add(name, total, count)
                     mb_approx_kl.add("approx_kl", *sums["policy/approxkl"])
-                if cfg.max_grad_norm is not None:
-                    # DeepSpeed clips inside its engine step and returns the norm it measured
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                    if grad_norm is not None:
-                        stats.add("policy/grad_norm", float(grad_norm) / P, 1.0 / P)  # global norm, same everywhere
-                optimizer.step()
-                scheduler.step()
-                if self.after_optimizer_step is not None:  # e.g. AdaLoRA's rank allocation (reads gradients)
-                    self.after_optimizer_step()
-                optimizer.zero_grad(set_to_none=True)
-                n_updates += 1
+                outcome = self._finish_minibatch(model, optimizer, scheduler, accelerator, loss_bad, stats)
+                n_updates += outcome == "stepped"
+                n_nonfinite += outcome == "nonfinite"
+                n_overflow += outcome == "overflow"
                 if cfg.target_approx_kl is not None:
                     approx_kl = mb_approx_kl.means(accelerator, b_mask.device)["approx_kl"]
                     if approx_kl > cfg.target_approx_kl:
@@ -132,16 +133,80 @@ class MinibatchPolicyGradient(UpdateRule):
                 "policy/early_stopped": float(early_stopped),
                 "policy/epochs": float(epochs_done),
                 "policy/optimizer_steps": float(n_updates),
+                "policy/nonfinite_steps": float(n_nonfinite),
                 "lr": scheduler.get_last_lr()[0],
             }
         )
+        if accelerator.mixed_precision == "fp16":  # loss scaling (torch's GradScaler or DeepSpeed's)
+            metrics["policy/overflow_steps"] = float(n_overflow)
         return metrics
+
+    def _finish_minibatch(self, model, optimizer, scheduler, accelerator, loss_bad, stats) -> str:
+        """After the minibatch's backward passes: measure the global gradient norm (clipping to ``max_grad_norm``),
+        then step the optimizer, the scheduler and the after-step hook — unless the step must be skipped.
+
+        Returns ``"stepped"``; ``"nonfinite"`` when the loss of a micro-batch or the gradient norm was NaN/inf on any
+        process (one reduction, so that every process decides the same): the gradients are dropped and neither the
+        optimizer nor the scheduler steps, so the weights and the optimizer state stay bit-identical; or
+        ``"overflow"`` for fp16's loss scaling: a finite loss whose scaled gradients overflowed is the scaler's
+        normal business (it skips the step and lowers its scale; the first steps of a run often do), counted as
+        ``policy/overflow_steps``, not toward ``max_nonfinite_steps``.
+
+        The scheduler follows the optimizer's steps, as transformers' Trainer does on an fp16 overflow (and
+        DeepSpeed's engine on a skipped step): a skipped step does not advance warm-up or decay, so the schedule
+        counts the updates the weights actually received.
+
+        DeepSpeed: the engine already stepped (clip, optimizer, zero_grad) inside the last micro-batch's backward and
+        hfpg cannot veto it. Its fp16 loss scaler skips a step whose gradients hold NaN/inf (``step_was_skipped``):
+        then nothing moved and it counts here like any other skipped step. Its bf16 / fp32 optimizers check nothing,
+        so a non-finite step it applied may have broken the weights: that raises :class:`~hfpg.errors.TrainingError`
+        at once, before anything is saved."""
+        cfg = self.config
+        P = accelerator.num_processes
+        deepspeed = is_deepspeed(accelerator)
+        # the global norm, measured even without clipping (inf never clips); DeepSpeed returns the one it measured
+        max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
+        if isinstance(grad_norm, torch.Tensor) and callable(getattr(grad_norm, "full_tensor", None)):
+            grad_norm = grad_norm.full_tensor()  # FSDP2: a DTensor; a plain tensor to reduce with the flag
+        device = loss_bad.device
+        norm = torch.as_tensor(0.0 if grad_norm is None else grad_norm).to(device=device, dtype=torch.float64)
+        # (processes with a non-finite loss, P × the global norm): one reduction and one sync per optimizer step
+        n_loss_bad, norm_sum = global_sum(accelerator, torch.stack([loss_bad.double(), norm.reshape(())])).tolist()
+        loss_nonfinite, norm_nonfinite = n_loss_bad > 0, not math.isfinite(norm_sum)
+        if grad_norm is not None and not norm_nonfinite:
+            stats.add("policy/grad_norm", norm_sum / P / P, 1.0 / P)  # the global norm, the same on every process
+        if deepspeed:
+            skipped = bool(getattr(optimizer, "step_was_skipped", False))
+            if (loss_nonfinite or norm_nonfinite) and not skipped:
+                raise TrainingError(
+                    "DeepSpeed applied an optimizer step whose loss or gradient norm was NaN or infinite (its bf16 / "
+                    "fp32 optimizers do not skip such steps), so the weights may no longer be finite; resume from "
+                    "the last checkpoint with a lower learning_rate, max_grad_norm set, and a reward without huge "
+                    "values"
+                )
+            if skipped:  # nothing moved; our scheduler skips the step with the engine
+                return "nonfinite" if loss_nonfinite else "overflow"
+            outcome = "stepped"
+        elif loss_nonfinite or norm_nonfinite:
+            optimizer.zero_grad(set_to_none=True)
+            if accelerator.scaler is not None:  # fp16: consume the inf check of unscale_ (done by clip_grad_norm_)
+                accelerator.scaler.update()  # and lower the scale on an overflow, as scaler.step + update would
+            return "overflow" if accelerator.scaler is not None and not loss_nonfinite else "nonfinite"
+        else:
+            optimizer.step()
+            outcome = "stepped"
+        scheduler.step()
+        if self.after_optimizer_step is not None:  # e.g. AdaLoRA's rank allocation (reads gradients)
+            self.after_optimizer_step()
+        optimizer.zero_grad(set_to_none=True)
+        return outcome
 
     def _micro_step(
         self, model, accelerator, rollout, advantages, returns, kl_coef, idx, normaliser, out=None
-    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
         """Loss of the rows ``idx`` (their forward, unless ``out`` holds it), backward. Returns ``{metric: (sum over
-        real tokens, real tokens)}`` of this micro-batch."""
+        real tokens, real tokens)}`` of this micro-batch and its (detached) loss, to check that it is finite."""
         cfg = self.config
         mask = rollout.loss_mask[idx]
         need_entropy = cfg.ent_coef > 0
@@ -170,4 +235,4 @@ class MinibatchPolicyGradient(UpdateRule):
         with torch.no_grad():
             n = mask.sum().float()
             pstats["policy/approxkl"] = ops.approx_kl(out["logprobs"].detach(), rollout.logprobs[idx])
-            return {name: (ops.masked_sum(value, mask), n) for name, value in pstats.items()}
+            return {name: (ops.masked_sum(value, mask), n) for name, value in pstats.items()}, loss.detach()

@@ -7,6 +7,10 @@
    if no try passes, the weights are left exactly as they were;
 4. the value head is fitted by its own Adam optimizer on the rollout's returns (the trunk is not touched).
 
+A non-finite surrogate, gradient, direction or curvature means no step at all (weights untouched), and a non-finite
+value loss or gradient skips that value-head step; both count in ``policy/nonfinite_steps``. A line-search try whose
+KL or gain is not finite is rejected like any other.
+
 Only trainable parameters move (all of them, or just the PEFT adapters). Gradients, Fisher-vector products, KL and
 surrogate values are summed over processes, so every process takes the same step.
 """
@@ -132,21 +136,27 @@ class TRPO(UpdateRule):
                     out += _flat(torch.autograd.grad(grad_v, params, allow_unused=True), params)
             return reduce(out) + cfg.cg_damping * v
 
-        metrics: dict[str, float] = {"policy/grad_norm": float(g.norm())}
+        g_norm = float(g.norm())  # g and surrogate_old are reduced: every process sees the same numbers
+        metrics: dict[str, float] = {"policy/grad_norm": g_norm}
         theta_old = torch.cat([p.detach().flatten() for p in params])
         accepted, kl_new, gain, tries, frac = False, 0.0, 0.0, 0, 0.0
-        if float(g.norm()) > 0:
+        nonfinite = not (math.isfinite(g_norm) and math.isfinite(float(surrogate_old)))
+        if g_norm > 0 and not nonfinite:
             step_dir, residual = ops.conjugate_gradient(fvp, g, cfg.cg_iters)
             shs = float(torch.dot(step_dir, fvp(step_dir)))
             full_step = step_dir * math.sqrt(2 * cfg.max_kl / max(shs, 1e-12))
             expected = float(torch.dot(g, full_step))
             metrics.update({"trpo/cg_residual": residual, "trpo/expected_gain": expected})
-            for tries in range(1, cfg.line_search_steps + 1):
+            # a NaN/inf direction or curvature (sᵀFs, the expected gain) moves nothing: no line search at all
+            nonfinite = not (math.isfinite(shs) and math.isfinite(expected))
+            line_search = range(1, cfg.line_search_steps + 1) if not nonfinite else ()
+            for tries in line_search:
                 frac = 0.5 ** (tries - 1)
                 _assign(params, theta_old + frac * full_step)
                 kl_new, gain = self._evaluate(
                     lm, rollout, micro, old, advantages, kl_coef, n_tok, surrogate_old, reduce
                 )
+                # a NaN KL or gain fails every comparison: that try is rejected
                 if kl_new <= cfg.max_kl and gain > 0 and gain >= cfg.line_search_accept_ratio * frac * expected:
                     accepted = True
                     break
@@ -161,10 +171,12 @@ class TRPO(UpdateRule):
                 "trpo/step_fraction": frac if accepted else 0.0,
                 "policy/approxkl": kl_new if accepted else 0.0,
                 "loss/policy": -float(surrogate_old),
+                "policy/nonfinite_steps": float(nonfinite),
             }
         )
         if self.uses_critic:
             metrics.update(self._fit_value_head(policy, rollout, returns, accelerator))
+            metrics["policy/nonfinite_steps"] += metrics.pop("value/nonfinite_steps")
         return metrics
 
     @torch.no_grad()
@@ -179,7 +191,8 @@ class TRPO(UpdateRule):
         return float(kl), float(sur - surrogate_old)
 
     def _fit_value_head(self, policy, rollout, returns, accelerator) -> dict[str, float]:
-        """Fit only the value head on the returns, with its own Adam (the trunk's hidden states are fixed)."""
+        """Fit only the value head on the returns, with its own Adam (the trunk's hidden states are fixed). An epoch
+        whose (global) loss or gradient is NaN/inf takes no step; ``value/nonfinite_steps`` counts them."""
         cfg = self.config
         if self.value_optimizer is None:
             self.value_optimizer = torch.optim.Adam(policy.v_head.parameters(), lr=cfg.value_learning_rate)
@@ -196,18 +209,24 @@ class TRPO(UpdateRule):
         mask = rollout.loss_mask
         n_tok = global_sum(accelerator, mask.sum().float()).clamp(min=1.0)
         first = last = None
+        skipped = 0
         for _ in range(cfg.value_epochs):
             values = policy.v_head(hidden)
             loss = ops.masked_sum(0.5 * (values - returns) ** 2, mask) / n_tok
             self.value_optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            for p in policy.v_head.parameters():  # average over processes by hand (no DDP here)
-                if p.grad is not None:
-                    p.grad = global_sum(accelerator, p.grad)
-            self.value_optimizer.step()
+            grads = [p for p in policy.v_head.parameters() if p.grad is not None]
+            for p in grads:  # average over processes by hand (no DDP here)
+                p.grad = global_sum(accelerator, p.grad)
             last = float(global_sum(accelerator, loss.detach()))  # local sum / global tokens -> summed: global mean
             first = last if first is None else first
-        return {"loss/value": first, "value/loss_after_fit": last}
+            # the reduced loss and gradients are the same on every process, so every process decides the same
+            if math.isfinite(last) and all(bool(torch.isfinite(p.grad).all()) for p in grads):
+                self.value_optimizer.step()
+            else:
+                skipped += 1
+        self.value_optimizer.zero_grad(set_to_none=True)
+        return {"loss/value": first, "value/loss_after_fit": last, "value/nonfinite_steps": float(skipped)}
 
 
 def _math_attention():

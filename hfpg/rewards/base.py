@@ -106,10 +106,27 @@ def check_outputs(
     them); ``None`` is an error unless ``allow_none``.
     """
     n = len(completions)
-    if isinstance(out, torch.Tensor):
-        out = out.detach().float().flatten().cpu().tolist()
-    elif hasattr(out, "tolist") and not isinstance(out, (str, bytes)):  # numpy arrays
-        out = out.tolist()
+    shape = getattr(out, "shape", None)
+    if shape is not None and not isinstance(out, (str, bytes)) and hasattr(out, "tolist"):  # tensors, numpy arrays
+        shape = tuple(int(d) for d in shape)
+        # one value per completion: (B,), or (B, 1) as a one-output model's logits come
+        if not (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1) or (shape == () and n == 1)):
+            raise RewardError(
+                f"reward function {name!r} must return one value per completion (shape ({n},) for a batch of {n}), "
+                f"got an array of shape {shape}; return one score per completion instead of reshaping"
+            )
+        if isinstance(out, torch.Tensor):
+            out = out.detach().float().cpu().reshape(-1).tolist()
+        else:  # numpy, pandas, ...
+            out = out.tolist()
+            out = [out] if not isinstance(out, list) else [v[0] if isinstance(v, list) else v for v in out]
+    elif isinstance(out, Sequence) and not isinstance(out, (str, bytes)):
+        nested = next((v for v in out if isinstance(v, (list, tuple)) or hasattr(v, "shape")), None)
+        if nested is not None and (not hasattr(nested, "shape") or getattr(nested, "ndim", 0) > 0):
+            raise RewardError(
+                f"reward function {name!r} must return one value per completion (a flat list of {n} floats for a "
+                f"batch of {n}), got a nested list of shape {_nested_shape(out)}"
+            )
     if isinstance(out, (str, bytes)) or not isinstance(out, Sequence):
         raise RewardError(
             f"reward function {name!r} returned {type(out).__name__} for a batch of {n} completions; "
@@ -143,6 +160,19 @@ def check_outputs(
     applicable = torch.tensor([v is not None for v in out], dtype=torch.bool)
     scores = torch.tensor([float("nan") if v is None else float(v) for v in out], dtype=torch.float32)
     return scores, applicable
+
+
+def _nested_shape(out) -> tuple:
+    """The shape of a nested list as numpy would read it (ragged rows: their first row's length)."""
+    shape = []
+    while isinstance(out, (list, tuple)) or hasattr(out, "shape"):
+        if hasattr(out, "shape") and not isinstance(out, (list, tuple)):
+            return (*shape, *(int(d) for d in out.shape))
+        shape.append(len(out))
+        if not out:
+            break
+        out = out[0]
+    return tuple(shape)
 
 
 def check_scores(out, name: str, completions: Sequence[str], allow_nonfinite: bool = False) -> torch.Tensor:
