@@ -14,7 +14,7 @@ help:
 	@echo "make lint       ruff check and ruff format --check (line length 120, configured in pyproject.toml)"
 	@echo "make format     ruff format and the safe ruff check fixes, in place"
 	@echo "make test-slow  run the slow end-to-end tests only"
-	@echo "make test-faults kill -9 real runs at random steps and mid-checkpoint, resume, compare (~3 min; in test-slow)"
+	@echo "make test-faults kill -9 real runs, resume, compare; used dirs, corrupt checkpoints, NaN injection (~2 min)"
 	@echo "make test-all   run every test"
 	@echo "make test-deepspeed  install the deepspeed extra and run the ZeRO-3 gather test (2 CPU processes)"
 	@echo "make demo       offline PPO + LoRA on SmolLM2-135M (about 10 min on 2 CPU cores; ARGS='max_steps=4' to try)"
@@ -48,9 +48,11 @@ test: lint
 test-slow: $(VENV)/.installed
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)
 
-# kill -9 real `hfpg train` runs at random steps and mid-checkpoint, resume, compare with an uninterrupted run
+# kill -9 real `hfpg train` runs at random steps and mid-checkpoint, resume, compare with an uninterrupted run; plus
+# used run directories, corrupt / incomplete / tampered checkpoints and NaN injected into rewards, losses and configs
+FAULT_TESTS = tests/test_faults.py tests/test_rundir.py tests/test_checkpoints.py tests/test_guards.py
 test-faults: $(VENV)/.installed
-	$(PY) -m pytest -m faults $(PYTEST_ARGS)
+	$(PY) -m pytest $(FAULT_TESTS) $(PYTEST_ARGS)
 
 test-all: $(VENV)/.installed
 	$(PY) -m pytest $(PYTEST_ARGS)
