@@ -91,6 +91,32 @@ def small_run(tmp_path, **overrides) -> dict:
     return cfg
 
 
+def tiny_recipe(root, max_steps: int, save_steps: int):
+    """A recipe file in ``root`` on a tiny local GPT-2, 16 local prompts (4 held out) and a length reward from a
+    ``rewards.py`` next to it (relative, as users write it): the run-directory and fault-injection tests' run."""
+    import json
+
+    tok = make_tokenizer()
+    tiny_gpt2(tok).save_pretrained(root / "gpt2")
+    tok.save_pretrained(root / "gpt2")
+    with open(root / "prompts.jsonl", "w") as f:
+        for i in range(16):
+            f.write(json.dumps({"prompt": " ".join(WORDS[i % 7 : i % 7 + 4])}) + "\n")
+    (root / "rewards.py").write_text(
+        "def length(completions, **kwargs):\n    return [len(c) / 10 for c in completions]\n"
+    )
+    path = root / "recipe.yaml"
+    path.write_text(
+        f"model: {{name_or_path: {root / 'gpt2'}}}\n"
+        f"data: {{path: json, data_files: {root / 'prompts.jsonl'}, eval_size: 4}}\n"
+        "report: {samples_every: 1, num_samples: 2}\n"
+        "rewards: [{name: rewards.py:length}]\n"
+        f"max_steps: {max_steps}\nsave_steps: {save_steps}\nrollout_batch_size: 4\nmini_batch_size: 2\nppo_epochs: 2\n"
+        "max_new_tokens: 6\nlearning_rate: 0.01\nkl_coef: 0.05\nreport_to: []\ndisable_tqdm: true\n"
+    )
+    return path
+
+
 def tiny_llama(tokenizer, seed: int = 0, **overrides) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     cfg = dict(

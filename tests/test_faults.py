@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import WORDS, make_tokenizer, tiny_gpt2
+from conftest import tiny_recipe
 from safetensors.torch import load_file
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
@@ -28,27 +28,8 @@ MAX_STEPS = 6
 
 @pytest.fixture(scope="module")
 def recipe(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("faults")
-    tok = make_tokenizer()
-    tiny_gpt2(tok).save_pretrained(root / "gpt2")
-    tok.save_pretrained(root / "gpt2")
-    words = WORDS
-    with open(root / "prompts.jsonl", "w") as f:
-        for i in range(16):
-            f.write(json.dumps({"prompt": " ".join(words[i % 7 : i % 7 + 4])}) + "\n")
-    (root / "rewards.py").write_text(
-        "def length(completions, **kwargs):\n    return [len(c) / 10 for c in completions]\n"
-    )
-    path = root / "recipe.yaml"
-    path.write_text(
-        f"model: {{name_or_path: {root / 'gpt2'}}}\n"
-        f"data: {{path: json, data_files: {root / 'prompts.jsonl'}, eval_size: 4}}\n"
-        "report: {samples_every: 1, num_samples: 2}\n"
-        "rewards: [{name: rewards.py:length}]\n"
-        f"max_steps: {MAX_STEPS}\nsave_steps: 1\nrollout_batch_size: 4\nmini_batch_size: 2\nppo_epochs: 2\n"
-        "max_new_tokens: 6\nlearning_rate: 0.01\nkl_coef: 0.05\nreport_to: []\ndisable_tqdm: true\n"
-    )
-    return path
+    """The tiny recipe: MAX_STEPS steps, a checkpoint every step."""
+    return tiny_recipe(tmp_path_factory.mktemp("faults"), max_steps=MAX_STEPS, save_steps=1)
 
 
 def command(recipe: Path, out: Path, *extra: str) -> list[str]:

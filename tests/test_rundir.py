@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import WORDS, make_tokenizer, small_run, tiny_gpt2
+from conftest import WORDS, small_run, tiny_gpt2, tiny_recipe
 from safetensors.torch import load_file
 
 from hfpg import ConfigError, PGConfig
@@ -22,28 +22,8 @@ from hfpg.trainer import PGTrainer
 
 @pytest.fixture(scope="module")
 def recipe(tmp_path_factory) -> Path:
-    """A recipe on a tiny local GPT-2, 16 local prompts (4 held out) and a length reward: 4 steps, a checkpoint
-    every 2."""
-    root = tmp_path_factory.mktemp("rundir")
-    tok = make_tokenizer()
-    tiny_gpt2(tok).save_pretrained(root / "gpt2")
-    tok.save_pretrained(root / "gpt2")
-    with open(root / "prompts.jsonl", "w") as f:
-        for i in range(16):
-            f.write(json.dumps({"prompt": " ".join(WORDS[i % 7 : i % 7 + 4])}) + "\n")
-    (root / "rewards.py").write_text(
-        "def length(completions, **kwargs):\n    return [len(c) / 10 for c in completions]\n"
-    )
-    path = root / "recipe.yaml"
-    path.write_text(
-        f"model: {{name_or_path: {root / 'gpt2'}}}\n"
-        f"data: {{path: json, data_files: {root / 'prompts.jsonl'}, eval_size: 4}}\n"
-        "report: {samples_every: 1, num_samples: 2}\n"
-        "rewards: [{name: rewards.py:length}]\n"
-        "max_steps: 4\nsave_steps: 2\nrollout_batch_size: 4\nmini_batch_size: 2\nppo_epochs: 2\n"
-        "max_new_tokens: 6\nlearning_rate: 0.01\nkl_coef: 0.05\nreport_to: []\ndisable_tqdm: true\n"
-    )
-    return path
+    """The tiny recipe: 4 steps, a checkpoint every 2."""
+    return tiny_recipe(tmp_path_factory.mktemp("rundir"), max_steps=4, save_steps=2)
 
 
 def train(recipe: Path, out: Path, *extra: str) -> int:
