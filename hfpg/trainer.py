@@ -125,6 +125,7 @@ class PGTrainer(SavingMixin):
         }
         self.last_rollout: Rollout | None = None
         self.should_stop = False
+        self._nonfinite_streak = 0  # updates in a row that skipped a non-finite optimizer step
         self._trackers_ready = False
         self._callback("on_init_end")
 
@@ -405,7 +406,7 @@ class PGTrainer(SavingMixin):
         metrics.update(update_metrics)
         # consecutive updates with skipped non-finite steps (this trainer's, not checkpointed): stops the run before
         # train() logs or saves this step once max_nonfinite_steps is reached
-        self._nonfinite_streak = guards.nonfinite_streak(getattr(self, "_nonfinite_streak", 0), metrics, cfg)
+        self._nonfinite_streak = guards.nonfinite_streak(self._nonfinite_streak, metrics, cfg)
         metrics.update(timings)
         metrics["time/step"] = step_time = self._clock() - t_step
         tokens = global_sum(
