@@ -15,11 +15,13 @@ import time
 import yaml
 from accelerate import PartialState
 from huggingface_hub.errors import HFValidationError
+from peft import PeftModel
 
 from . import __version__
 from .config import PGConfig
 from .errors import CheckpointError, ConfigError, DataError, HubError, RewardError, TrainingError
 from .hub import push_model_folder
+from .modeling import AutoModelForCausalLMWithValueHead
 from .recipe import load_models, load_prompts, load_recipe, load_tokenizer
 from .reward_modeling import RMConfig, train_reward_model
 from .runner import train_recipe
@@ -75,13 +77,22 @@ def _train(args) -> int:
 
 def _eval(args) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
+    # a trained adapter goes on the recipe's own base (a saved adapter names its base by Hub id or a relative path,
+    # which may not resolve here, e.g. offline); a full model replaces the base
+    adapter = bool(args.model) and os.path.isfile(os.path.join(args.model, "adapter_config.json"))
     if args.model:
-        recipe.model.name_or_path, recipe.model.gguf_file, recipe.model.peft = args.model, None, None
+        recipe.model.peft = None
+        if not adapter:
+            recipe.model.name_or_path, recipe.model.gguf_file = args.model, None
     cfg = recipe.training
     output = args.output or _eval_output(cfg.output_dir)
     tokenizer = load_tokenizer(recipe.model)
     train, evals = load_prompts(recipe.data, tokenizer, recipe.base_dir, cfg.seed, cfg.chat_template_kwargs)
     model, ref = load_models(recipe.model, with_reference=cfg.kl_coef > 0)
+    if adapter:
+        model = AutoModelForCausalLMWithValueHead.from_pretrained(
+            PeftModel.from_pretrained(model.pretrained_model, args.model)
+        )
     cfg.report_to = []
     # the trainer's own logs (metrics.jsonl) go to a scratch folder: never into a training run's metrics.jsonl
     with tempfile.TemporaryDirectory(prefix="hfpg-eval-") as scratch:
@@ -189,7 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*")
-    p.add_argument("--model", help="a trained policy folder (e.g. RUN_DIR/final); default: the recipe's base model")
+    p.add_argument(
+        "--model",
+        help="a trained policy folder (e.g. RUN_DIR/final): a full model, or an adapter put on the recipe's own base; "
+        "default: the recipe's base model",
+    )
     p.add_argument("--output", help="the JSON file to write (default: the recipe's output_dir/eval-<date>-<time>.json)")
     p.set_defaults(func=_eval)
 

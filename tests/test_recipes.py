@@ -277,6 +277,21 @@ def test_eval_command_scores_a_trained_policy(stand_ins, tmp_path, capsys):
     assert metrics["eval/num_samples"] == 4 and "eval/reward/positive/mean" in metrics
 
 
+def test_eval_puts_a_trained_adapter_on_the_recipes_own_base(stand_ins, tmp_path, capsys):
+    """The saved adapter names its base by Hub id (no local path may be saved), which cannot be fetched offline:
+    `hfpg eval --model` attaches it to the base the recipe loads instead."""
+    name = "ppo_smollm2_sentiment"
+    out = tmp_path / "run"
+    assert main(["train", str(CONFIGS / f"{name}.yaml"), *overrides_for(name, stand_ins, out)]) == 0
+    base = json.loads((out / "final" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert base == "HuggingFaceTB/SmolLM2-135M-Instruct"  # a Hub id this offline machine cannot download
+    capsys.readouterr()
+    argv = ["eval", str(CONFIGS / f"{name}.yaml"), *overrides_for(name, stand_ins, tmp_path / "e")]
+    assert main([*argv, "--model", str(out / "final"), "--output", str(tmp_path / "eval.json")]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["eval/num_samples"] > 0 and json.loads((tmp_path / "eval.json").read_text()) == metrics
+
+
 def test_recipes_command_lists_every_recipe(capsys):
     assert main(["recipes"]) == 0
     out = capsys.readouterr().out
