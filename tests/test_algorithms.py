@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_gpt2
+from conftest import small_run, tiny_gpt2
 from peft import LoraConfig
 from test_trainer import PROMPTS, length_reward, make_trainer, params, target_share
 
@@ -148,24 +148,12 @@ def test_invalid_algorithm_combinations_are_config_errors():
 def _sgd_trainer(tokenizer, tmp_path, **overrides):
     model = AutoModelForCausalLMWithValueHead(tiny_gpt2(tokenizer))
     sgd = torch.optim.SGD(model.parameters(), lr=0.1)
-    cfg = dict(
-        output_dir=str(tmp_path),
-        max_steps=1,
-        rollout_batch_size=8,
-        mini_batch_size=8,
-        ppo_epochs=1,
-        max_new_tokens=6,
-        report_to=[],
-        disable_tqdm=True,
-        lr_scheduler_type="constant",
-        max_grad_norm=None,
-        kl_coef=0.05,
-    )
-    cfg.update(overrides)
+    fixed = dict(output_dir=str(tmp_path), max_steps=1, rollout_batch_size=8, mini_batch_size=8, max_new_tokens=6)
+    fixed.update(lr_scheduler_type="constant", max_grad_norm=None, kl_coef=0.05)  # SGD's lr, no clipping
     return PGTrainer(
         model,
         tokenizer,
-        PGConfig(**cfg),
+        PGConfig(**small_run(tmp_path, **{**fixed, **overrides})),
         train_dataset=[{"prompt": p} for p in PROMPTS * 2],
         reward_fn=length_reward,
         optimizers=(sgd, None),
