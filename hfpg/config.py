@@ -18,6 +18,7 @@ import yaml
 
 from .algorithms import ALGORITHMS, rule_class
 from .errors import ConfigError
+from .forward import DEFAULT_LOGITS_CHUNK_SIZE
 from .rewards.registry import spec_problems
 from .schema import (
     apply_overrides,
@@ -72,6 +73,10 @@ class PGConfig:
     gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step on each process (same update).")
     forward_batch_size: int | None = _f(
         None, "Sequences per no-grad forward during rollout on each process (None = the whole local batch)."
+    )
+    logits_chunk_size: int | None = _f(
+        DEFAULT_LOGITS_CHUNK_SIZE,
+        "Response tokens whose vocabulary logits exist at once in a forward, recomputed in backward (None = all).",
     )
     ppo_epochs: int = _f(4, "Passes over each rollout batch, each with a fresh permutation.")
 
@@ -194,6 +199,44 @@ class PGConfig:
     max_prompt_length: int | None = _f(
         None, "Keep only the last N prompt tokens (None = no truncation; too-long prompts are an error)."
     )
+    generation_backend: str = _f(
+        "hf",
+        "Who samples completions: hf (transformers' generate on the policy) | vllm (a vLLM engine in this process, "
+        "given the policy's weights after every update).",
+        choices=("hf", "vllm"),
+    )
+    use_vllm: bool = _f(False, "TRL's switch: true = generation_backend vllm.")
+    vllm_mode: str = _f(
+        "colocate",
+        "colocate: each training process owns an engine for its shard of prompts (the only mode; see README).",
+    )
+    vllm_gpu_memory_utilization: float = _f(
+        0.3, "GPU: share of device memory the vLLM engine may take (weights + KV cache); the rest is training's."
+    )
+    vllm_kv_cache_gb: float | None = _f(
+        None, "vLLM KV-cache size in GiB (None: on CPU, enough for one rollout batch; on GPU, from the share above)."
+    )
+    vllm_max_model_len: int | None = _f(
+        None, "vLLM context length: prompt + completion tokens (None = max_prompt_length or 512, + max_new_tokens)."
+    )
+    vllm_enforce_eager: bool | None = _f(None, "vLLM without CUDA graphs (None = eager on CPU, graphs on GPU).")
+    vllm_importance_sampling_correction: bool = _f(
+        True,
+        "Weight each token's loss by the truncated ratio π_train/π_vLLM of the sampled token, correcting the gap "
+        "between the engine's and the trainer's numerics (TRL's switch of the same name).",
+    )
+    vllm_importance_sampling_mode: str = _f(
+        "token_truncate",
+        "token_truncate | token_mask | sequence_truncate | sequence_mask: per-token or per-sequence ratios, "
+        "clipped into [clip_min, clip_max] (truncate) or zeroed outside it (mask).",
+        choices=("token_truncate", "token_mask", "sequence_truncate", "sequence_mask"),
+    )
+    vllm_importance_sampling_clip_max: float | None = _f(
+        3.0, "Upper bound C_max of the vLLM importance ratio (None = none)."
+    )
+    vllm_importance_sampling_clip_min: float | None = _f(
+        None, "Lower bound C_min of the vLLM importance ratio (None = none)."
+    )
 
     # --- logging, evaluation, checkpoints ---------------------------------------------------------------------
     report_to: list[str] = _f(["tensorboard"], "Accelerate trackers to log to (tensorboard, wandb, ...; [] = none).")
@@ -312,6 +355,7 @@ class PGConfig:
             p.append(f"top_p={self.top_p!r} must lie in (0, 1]")
         for name in (
             "forward_batch_size",
+            "logits_chunk_size",
             "max_grad_norm",
             "target_approx_kl",
             "score_clip",
@@ -369,6 +413,26 @@ class PGConfig:
                 p.append("reward_weights applies to reward functions passed in Python; in rewards: give each a weight")
         if not isinstance(self.chat_template_kwargs, dict):
             p.append(f"chat_template_kwargs={self.chat_template_kwargs!r} must be a mapping")
+        if self.vllm_mode != "colocate":
+            p.append(
+                f"vllm_mode={self.vllm_mode!r} is not available: hfpg runs one vLLM engine inside each training "
+                "process (vllm_mode: colocate); an engine on separate inference GPUs (TRL's server mode)"
+                " is not supported yet"
+            )
+        if self.use_vllm and self.generation_backend == "hf":
+            self.generation_backend = "vllm"  # TRL's spelling of the same choice
+        if not 0.0 < self.vllm_gpu_memory_utilization <= 1.0:
+            p.append(f"vllm_gpu_memory_utilization={self.vllm_gpu_memory_utilization!r} must lie in (0, 1]")
+        for name in ("vllm_kv_cache_gb", "vllm_max_model_len"):
+            v = getattr(self, name)
+            if v is not None and v <= 0:
+                p.append(f"{name}={v!r} must be > 0 or null")
+        lo, hi = self.vllm_importance_sampling_clip_min, self.vllm_importance_sampling_clip_max
+        if (lo is not None and lo < 0) or (hi is not None and hi <= 0) or (None not in (lo, hi) and lo >= hi):
+            p.append(
+                f"vllm_importance_sampling_clip_min={lo!r} / clip_max={hi!r} must satisfy 0 <= clip_min < clip_max "
+                "(null = no bound)"
+            )
         if self.reward_clip is not None and self.reward_clip <= 0:
             p.append(f"reward_clip={self.reward_clip!r} must be > 0 or null")
         p.extend(spec_problems(self.rewards))

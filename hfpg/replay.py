@@ -103,7 +103,13 @@ def mix_in_replay(
     policy.eval()
     with accelerator.autocast():
         out = rollout_forward(
-            policy, old, config.temperature, with_values=True, with_entropy=True, chunk_size=config.forward_batch_size
+            policy,
+            old,
+            config.temperature,
+            with_values=True,
+            with_entropy=True,
+            chunk_size=config.forward_batch_size,
+            logits_chunk_size=config.logits_chunk_size,
         )
     old.logprobs, old.values, old.entropy = out["logprobs"], out["values"], out["entropy"]
     mask = old.response_mask

@@ -38,6 +38,8 @@ class Rollout:
     behaviour_logprobs: torch.Tensor | None = None
     is_weights: torch.Tensor | None = None
     staleness: torch.Tensor | None = None
+    # logprobs the sampling engine (vLLM) reported for the sampled tokens, 0 on padding; None with the hf backend
+    sampler_logprobs: torch.Tensor | None = None
     prompts: list[str] = field(default_factory=list)  # as the policy saw them (chat template applied)
     completions: list[str] = field(default_factory=list)
     columns: dict[str, list] = field(default_factory=dict)
@@ -110,6 +112,7 @@ def concat_rollouts(rollouts: list[Rollout], pad_token_id: int) -> Rollout:
         "entropy",
         "behaviour_logprobs",
         "is_weights",
+        "sampler_logprobs",
     ):
         parts = [getattr(r, name) for r in rollouts]
         if any(x is None for x in parts):

@@ -52,6 +52,7 @@ from .rollout import (
 from .saving import SavingMixin
 from .sources import is_hub_id
 from .stats import global_moments, global_sum
+from .vllm_backend import ColocatedVLLM, request_seeds, sampler_correction
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +110,7 @@ class PGTrainer(SavingMixin):
         self.model, self.optimizer, self.scheduler = self._setup_optimization(model, *optimizers)
         self._setup_run_state()
         self.generation_config = build_generation_config(config, self.tokenizer, self.stop_token_ids)
+        self.vllm = self._create_vllm_engine()  # generation_backend: vllm (None for hf)
         # one TrainerState / TrainerControl, shared with transformers callbacks; global_step and log_history live there
         self.state = trainer_state(config, self.accelerator)
         self.control = TrainerControl()
@@ -288,6 +290,28 @@ class PGTrainer(SavingMixin):
         # process saves its own as JSON + safetensors (saving.py)
         setup_reward(self.reward_fn, device=acc.device, gather=self._gather_cpu)  # models never go into DDP
 
+    def _create_vllm_engine(self) -> ColocatedVLLM | None:
+        """The colocated vLLM engine (``generation_backend: vllm``), created once; it gets the policy's weights before
+        the first rollout and after every update (:meth:`sync_generation_weights`)."""
+        self._vllm_stale = True
+        if self.config.generation_backend != "vllm":
+            return None
+        local_batch = self.config.rollout_batch_size // self.accelerator.num_processes
+        return ColocatedVLLM(self.unwrapped_model, self.tokenizer, self.config, self.accelerator, local_batch)
+
+    def sync_generation_weights(self, policy=None) -> float:
+        """Push the policy's current weights into the vLLM engine now (the trainer does it before every rollout that
+        follows an update or a checkpoint load; call it after changing the weights by hand). Returns seconds."""
+        if self.vllm is None:
+            return 0.0
+        if policy is None:
+            with full_weights(self.model, self.accelerator, self.config.gather_for_generation) as gathered:
+                seconds = self.vllm.sync_weights(gathered)
+        else:
+            seconds = self.vllm.sync_weights(policy)
+        self._vllm_stale = False
+        return seconds
+
     # ---- public API ------------------------------------------------------------------------------------------------
     @property
     def unwrapped_model(self) -> AutoModelForCausalLMWithValueHead:
@@ -306,6 +330,7 @@ class PGTrainer(SavingMixin):
         resume_from_checkpoint = rundir.start_training(self, resume_from_checkpoint)
         if resume_from_checkpoint:
             self.load_checkpoint(resume_from_checkpoint)
+            self._vllm_stale = True
         sync_state(self.state, cfg)
         self._init_trackers()
         self._callback("on_train_begin")
@@ -392,6 +417,7 @@ class PGTrainer(SavingMixin):
             first_forward,
         )
         timings["time/update"] = self._clock() - t0
+        self._vllm_stale = True  # the engine samples with the old weights until the next rollout syncs
         B, T = rollout.response_ids.shape  # the fresh rows come first in the batch
         fresh_adv = {k: v[:B, :T] for k, v in adv.items()}
         metrics = step_metrics(self.accelerator, rollout, fresh_adv, scores, kl_coef, with_kl=self.uses_reference)
@@ -421,10 +447,15 @@ class PGTrainer(SavingMixin):
         rollout.behaviour_logprobs = rollout.logprobs
         rollout.is_weights = rollout.response_mask.float()
         rollout.staleness = torch.zeros(rollout.batch_size, device=self.accelerator.device)
+        sampler_metrics = {}
+        if rollout.sampler_logprobs is not None:  # vLLM sampled: measure (and correct) its gap to our forward
+            weights, sampler_metrics = sampler_correction(rollout, self.config, self.accelerator)
+            if self.config.vllm_importance_sampling_correction:
+                rollout.is_weights = weights
         if self.replay is None:
-            return rollout, scores, {}
+            return rollout, scores, sampler_metrics
         with full_weights(self.model, self.accelerator, self.config.gather_for_generation) as policy:
-            return mix_in_replay(
+            batch, batch_scores, metrics = mix_in_replay(
                 self.replay,
                 rollout,
                 scores,
@@ -434,17 +465,45 @@ class PGTrainer(SavingMixin):
                 self.tokenizer.pad_token_id,
                 self.global_step,
             )
+        return batch, batch_scores, {**sampler_metrics, **metrics}
 
     @torch.no_grad()
-    def make_rollout(self, rows: list[dict], policy_forward: bool = True) -> tuple[Rollout, dict[str, float]]:
+    def make_rollout(
+        self, rows: list[dict], policy_forward: bool = True, seed_phase: int = 0
+    ) -> tuple[Rollout, dict[str, float]]:
         """Generate for ``rows`` and attach logprobs, values, reference logprobs and scores. (B = len(rows)).
 
         Every process calls it together (a sharded policy is gathered once for the whole rollout).
-        policy_forward=False leaves logprobs/values/entropy to the caller (the update rule's fused forward)."""
+        policy_forward=False leaves logprobs/values/entropy to the caller (the update rule's fused forward).
+        ``seed_phase`` tells the vLLM backend's per-completion seeds apart (0: training rollout; evaluation uses 1+)."""
         with full_weights(self.model, self.accelerator, self.config.gather_for_generation) as policy:
-            return self._rollout(policy, rows, policy_forward)
+            return self._rollout(policy, rows, policy_forward, seed_phase)
 
-    def _rollout(self, policy, rows: list[dict], policy_forward: bool) -> tuple[Rollout, dict[str, float]]:
+    def _generate(self, policy, prompt_ids, prompt_mask, seed_phase: int, timings: dict) -> tuple:
+        """(response_ids, response_mask, has_stop, sampler logprobs or None) from the configured backend."""
+        if self.vllm is None:
+            with self.accelerator.autocast():
+                return (
+                    *generate_responses(
+                        policy,
+                        prompt_ids,
+                        prompt_mask,
+                        self.generation_config,
+                        self.stop_token_ids,
+                        self.tokenizer.pad_token_id,
+                    ),
+                    None,
+                )
+        if self._vllm_stale:
+            timings["time/weight_sync"] = self.sync_generation_weights(policy)
+        acc = self.accelerator
+        seeds = request_seeds(self.config.seed, acc.process_index, self.global_step, len(prompt_ids), seed_phase)
+        out = self.vllm.generate(prompt_ids, prompt_mask, self.stop_token_ids, self.tokenizer.pad_token_id, seeds)
+        return out.response_ids, out.response_mask, out.has_stop, out.logprobs
+
+    def _rollout(
+        self, policy, rows: list[dict], policy_forward: bool, seed_phase: int = 0
+    ) -> tuple[Rollout, dict[str, float]]:
         cfg, acc = self.config, self.accelerator
         prompts = [r[cfg.prompt_column] for r in rows]  # strings, or message lists (conversational)
         conversational = bool(prompts) and is_conversational(prompts[0])
@@ -456,22 +515,17 @@ class PGTrainer(SavingMixin):
         prompt_ids, prompt_mask = tokenize_prompts(
             self.tokenizer, text, cfg.max_prompt_length, acc.device, add_special_tokens=not conversational
         )
-        with acc.autocast():
-            response_ids, response_mask, has_stop = generate_responses(
-                policy,
-                prompt_ids,
-                prompt_mask,
-                self.generation_config,
-                self.stop_token_ids,
-                self.tokenizer.pad_token_id,
-            )
-        timings["time/generate"] = clock() - t
+        response_ids, response_mask, has_stop, sampler_logprobs = self._generate(
+            policy, prompt_ids, prompt_mask, seed_phase, timings
+        )
+        timings["time/generate"] = clock() - t - timings.get("time/weight_sync", 0.0)
         rollout = Rollout(
             prompt_ids,
             prompt_mask,
             response_ids,
             response_mask,
             has_stop,
+            sampler_logprobs=sampler_logprobs,
             prompts=text,
             columns=columns_for(rows, cfg.prompt_column),
         )
@@ -499,7 +553,7 @@ class PGTrainer(SavingMixin):
         rollout.completions = decode_completions(self.tokenizer, response_ids, response_mask)
         self._score(rollout, prompts, conversational)
         timings["time/reward"] = clock() - t
-        timings["time/rollout"] = sum(timings.values())
+        timings["time/rollout"] = sum(timings.values())  # weight sync included
         return rollout, timings
 
     def _score(self, rollout: Rollout, prompts: list, conversational: bool) -> None:
@@ -551,7 +605,7 @@ class PGTrainer(SavingMixin):
         for start in range(0, len(local), chunk):
             part = ds[local[start : start + chunk]]
             rows = [dict(zip(part, vals)) for vals in zip(*part.values())]
-            r, _ = self.make_rollout(rows)
+            r, _ = self.make_rollout(rows, seed_phase=1 + start // chunk)
             if r.ref_logprobs is not None:
                 kl = ops.kl_per_token(r.logprobs, r.ref_logprobs, cfg.kl_estimator)
                 parts["kl"].append(ops.masked_sum(kl, r.response_mask, 1))

@@ -115,10 +115,21 @@ def _repetition_penalty(v: Any) -> str:
     )
 
 
-def _use_vllm(v: Any) -> str:
+def _vllm_is_cap(v: Any) -> str:
+    return f"vllm_importance_sampling_clip_max: {_num(v)} — TRL's newer name for the same cap"
+
+
+def _vllm_tensor_parallel_size(v: Any) -> str:
     return (
-        "vLLM generation is not available in hfpg yet: completions are sampled with transformers' generate on the "
-        "training processes. Remove use_vllm (and the vllm_* keys)"
+        "not available: each training process owns a vLLM engine (tensor-parallel size 1) for its own shard of "
+        "prompts; remove vllm_tensor_parallel_size"
+    )
+
+
+def _vllm_server(v: Any) -> str:
+    return (
+        "vLLM server mode is not available in hfpg yet: generation_backend: vllm runs a colocated engine in each "
+        "training process (vllm_mode: colocate); remove the vllm_server_* keys"
     )
 
 
@@ -303,8 +314,13 @@ TRL_KEY_HINTS: dict[str, Callable[[Any], str]] = {
     "loss_type": _loss_type,
     "mask_truncated_completions": _mask_truncated_completions,
     "repetition_penalty": _repetition_penalty,
-    "use_vllm": _use_vllm,
     "ds3_gather_for_generation": _ds3_gather,
+    "vllm_importance_sampling_cap": _vllm_is_cap,
+    "vllm_tensor_parallel_size": _vllm_tensor_parallel_size,
+    "vllm_server_host": _vllm_server,
+    "vllm_server_port": _vllm_server,
+    "vllm_server_base_url": _vllm_server,
+    "vllm_server_timeout": _vllm_server,
     "entropy_coef": _entropy_coef,
     "normalize_advantages": _normalize_advantages,
     "reward_clip_range": _reward_clip_range,

@@ -54,6 +54,7 @@ class MinibatchPolicyGradient(UpdateRule):
             with_values=self.uses_critic,
             with_entropy=True,
             entropy_grad=cfg.ent_coef > 0,
+            logits_chunk_size=cfg.logits_chunk_size,
         )
         rollout.logprobs = out["logprobs"].detach()
         rollout.values = out["values"].detach() if "values" in out else torch.zeros_like(rollout.logprobs)
@@ -212,7 +213,13 @@ class MinibatchPolicyGradient(UpdateRule):
         need_entropy = cfg.ent_coef > 0
         if out is None:
             out = rollout_forward(
-                model, rollout, cfg.temperature, with_values=self.uses_critic, with_entropy=need_entropy, rows=idx
+                model,
+                rollout,
+                cfg.temperature,
+                with_values=self.uses_critic,
+                with_entropy=need_entropy,
+                rows=idx,
+                logits_chunk_size=cfg.logits_chunk_size,
             )
         weights = rollout.is_weights[idx] if rollout.is_weights is not None else torch.ones_like(out["logprobs"])
         loss_tok, pstats = self.policy_loss(out["logprobs"], rollout, idx, advantages, weights)

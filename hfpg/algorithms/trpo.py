@@ -202,7 +202,7 @@ class TRPO(UpdateRule):
         with torch.no_grad():
             hidden = torch.cat(
                 [
-                    response_outputs(policy, **rollout.sequences(idx), last_hidden_state=True).hidden
+                    response_outputs(policy, **rollout.sequences(idx), last_hidden_state=True, logits=False).hidden
                     for idx in self._micro_batches(rollout, accelerator)
                 ]
             )  # (B, T, H)
