@@ -539,6 +539,7 @@ class PGTrainer(SavingMixin):
                     with_values=True,
                     with_entropy=True,
                     chunk_size=cfg.forward_batch_size,
+                    logits_chunk_size=cfg.logits_chunk_size,
                 )
             rollout.logprobs, rollout.values, rollout.entropy = out["logprobs"], out["values"], out["entropy"]
         timings["time/policy_forward"] = clock() - t
@@ -546,7 +547,12 @@ class PGTrainer(SavingMixin):
         if self.uses_reference:
             with acc.autocast(), reference_context(policy, self.ref_model) as ref:
                 rollout.ref_logprobs = rollout_forward(
-                    ref, rollout, cfg.temperature, with_values=False, chunk_size=cfg.forward_batch_size
+                    ref,
+                    rollout,
+                    cfg.temperature,
+                    with_values=False,
+                    chunk_size=cfg.forward_batch_size,
+                    logits_chunk_size=cfg.logits_chunk_size,
                 )["logprobs"]
         timings["time/ref_forward"] = clock() - t
         t = clock()
