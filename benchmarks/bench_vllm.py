@@ -12,9 +12,10 @@ seed, and compares the held-out positivity. ``--trl-python`` adds TRL's ``use_vl
 (RLOO on the same model, LoRA, prompts, reward and sampling; hfpg runs ``algorithm: reinforce`` with a
 leave-one-out baseline through the same recipe machinery).
 
-    make bench-vllm                                                   # 2 rounds x (1 + 5 steps), ~10 min on 2 cores
-    make bench-vllm BENCH_VLLM_ARGS="--full --json /tmp/vllm-full.json"   # + the 20-step demo per backend
-    .venv-vllm/bin/python benchmarks/bench_vllm.py --repeats 1 --steps 3 --trl-python /tmp/venv-trl-vllm/bin/python
+    make bench-vllm                                          # 2 rounds x (1 + 5 steps) per backend, ~15 min on 2 cores
+    make bench-vllm BENCH_VLLM_ARGS="--threads 1 --json /tmp/vllm.json"   # steadier on a shared machine
+    make bench-vllm BENCH_VLLM_ARGS="--no-speed --full"      # the 20-step demo per backend (~13-15 min each)
+    .venv-vllm/bin/python benchmarks/bench_vllm.py --no-speed --trl-python /tmp/venv-trl-vllm/bin/python
 """
 
 from __future__ import annotations
@@ -720,7 +721,7 @@ def trl_table(results: dict) -> str:
         ("step (ms, median)", "step", 1e3, ".0f"),
         ("generate (ms)", "generate", 1e3, ".0f"),
         ("weight sync (ms)", "weight_sync", 1e3, ".0f"),
-        ("no-grad forwards: old + reference log-probs (ms)", "no_grad_forwards", 1e3, ".0f"),
+        ("old log-probs forward (hfpg: the update's own) + reference forward (ms)", "no_grad_forwards", 1e3, ".0f"),
         ("mean completion length", "length", 1, ".1f"),
         ("engine start-up (s)", "engine_startup_seconds", 1, ".1f"),
         ("trainer set-up (s)", "trainer_setup_seconds", 1, ".1f"),
