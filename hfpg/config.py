@@ -119,7 +119,11 @@ class PGConfig:
     ent_coef: float = _f(0.0, "Weight of the entropy bonus (0 = off).")
     gamma: float = _f(1.0, "Discount γ over response tokens.")
     lam: float = _f(0.95, "GAE λ: 1 = Monte-Carlo returns, 0 = one-step TD.")
-    whiten_advantages: bool = _f(True, "Whiten advantages over real tokens of the global batch.")
+    whiten_advantages: bool | None = _f(
+        None,
+        "Whiten advantages over real tokens of the global batch (None = auto: false for the per-prompt baselines "
+        "leave_one_out and group_norm, true otherwise).",
+    )
     target_approx_kl: float | None = _f(
         None, "Stop the current update early once the policy's approx KL to the rollout exceeds this."
     )
@@ -127,7 +131,9 @@ class PGConfig:
     # --- TRPO -----------------------------------------------------------------------------------------------------
     max_kl: float = _f(0.01, "TRPO trust region δ: mean per-token KL(old || new) an accepted step may reach.")
     cg_iters: int = _f(10, "TRPO conjugate-gradient iterations for the natural-gradient direction.")
-    cg_damping: float = _f(0.1, "TRPO damping added to the Fisher-vector product (F + λI) v.")
+    cg_damping: float = _f(
+        0.1, "TRPO damping (F + λI) v for conjugate gradient; the step length uses the undamped curvature sᵀFs."
+    )
     line_search_steps: int = _f(10, "TRPO backtracking line-search tries (step halves each time).")
     line_search_accept_ratio: float = _f(
         0.0, "TRPO accepts a step only if its surrogate gain exceeds this fraction of the expected gain (> 0 always)."
@@ -506,6 +512,15 @@ class PGConfig:
             raise ConfigError(format_problems(TITLE, problems), problems)
 
     # ---- derived sizes -------------------------------------------------------------------------------------------
+    @property
+    def whitens_advantages(self) -> bool:
+        """``whiten_advantages`` as set, or its default: RLOO's leave-one-out and GRPO's group-normalised advantages
+        are already centred per prompt and learned more per sample unwhitened (``make bench-learning``); PPO's
+        critic and the other baselines whiten, as PPO implementations do."""
+        if self.whiten_advantages is not None:
+            return self.whiten_advantages
+        return not (self.advantage_estimator == "returns" and self.baseline in ("leave_one_out", "group_norm"))
+
     @property
     def num_mini_batches(self) -> int:
         return self.rollout_batch_size // self.mini_batch_size

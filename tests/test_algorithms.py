@@ -90,6 +90,25 @@ def test_group_norm_matches_a_hand_computation():
         assert (adv[i, n:] == 0).all()
 
 
+def test_whitening_defaults_to_off_for_the_per_prompt_baselines_only():
+    r = _rollout([2, 2, 2, 2])
+    scores = torch.tensor([1.0, 3.0, 0.0, 4.0])
+    loo = dict(baseline="leave_one_out", num_samples_per_prompt=2, whiten_advantages=None)
+    adv = compute_advantages(r, scores, 0.0, _cfg(**loo))["advantages"]
+    # leave-one-out with k = 2: the other sample's score, not whitened: 1 - 3, 3 - 1, 0 - 4, 4 - 0
+    torch.testing.assert_close(adv[:, 0], torch.tensor([-2.0, 2.0, -4.0, 4.0]))
+    whitened = compute_advantages(r, scores, 0.0, _cfg(**{**loo, "whiten_advantages": True}))["advantages"]
+    # whitened over the 8 real tokens (±2, ±4 twice each; mean 0, unbiased variance 80/7)
+    torch.testing.assert_close(whitened[:, 0], torch.tensor([-2.0, 2.0, -4.0, 4.0]) / (80 / 7) ** 0.5)
+    assert not PGConfig(algorithm="reinforce", advantage_estimator="returns", **loo).whitens_advantages
+    assert not PGConfig(
+        advantage_estimator="returns", baseline="group_norm", num_samples_per_prompt=2
+    ).whitens_advantages
+    assert PGConfig().whitens_advantages  # PPO with GAE and its critic
+    assert PGConfig(advantage_estimator="returns", baseline="moving_average").whitens_advantages
+    assert PGConfig(advantage_estimator="returns", baseline="none").whitens_advantages
+
+
 def test_returns_with_no_value_and_moving_average_baselines():
     r = _rollout([2, 2], values=torch.tensor([[0.5, 0.25], [1.0, 0.0]]))
     scores = torch.tensor([1.0, 3.0])
@@ -247,6 +266,27 @@ def test_trpo_accepted_step_respects_the_trust_region_and_improves_the_surrogate
     new_lp = new.gather(-1, r.response_ids[..., None]).squeeze(-1)
     gain = ops.masked_mean(torch.exp(new_lp - r.logprobs) * adv, mask) - ops.masked_mean(adv, mask)
     assert gain > 0 and gain.item() == pytest.approx(m["trpo/surrogate_gain"], rel=1e-3)
+
+
+def test_trpo_steps_reach_the_trust_region_boundary_with_default_damping(tokenizer, tmp_path):
+    """The step length comes from the undamped curvature (and a measured KL): with cg_damping 0.1 the accepted steps
+    used to reach about a fifth of max_kl (0.0019-0.0021 at δ 0.01 on this model); now at least half of it."""
+    trainer = make_trainer(
+        tokenizer, tmp_path, algorithm="trpo", max_kl=0.01, max_steps=3, rollout_batch_size=16, mini_batch_size=8
+    )
+    assert trainer.config.cg_damping == 0.1
+    kls = []
+    original = trainer.algorithm.update
+
+    def spy(*args, **kwargs):
+        m = original(*args, **kwargs)
+        assert m["trpo/accepted"] == 1.0
+        kls.append(m["trpo/kl"])
+        return m
+
+    trainer.algorithm.update = spy
+    trainer.train()
+    assert len(kls) == 3 and all(0.5 * 0.01 <= kl <= 0.01 for kl in kls), kls
 
 
 def test_trpo_rejected_line_search_leaves_the_policy_unchanged(tokenizer, tmp_path):

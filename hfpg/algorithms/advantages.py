@@ -86,6 +86,6 @@ def compute_advantages(
         else:  # pragma: no cover - the config validates the choice
             raise ValueError(f"unknown baseline {cfg.baseline!r}")
         advantages = torch.where(mask, advantages, 0.0)
-    if cfg.whiten_advantages:
+    if cfg.whitens_advantages:
         advantages = global_whiten(accelerator, advantages, mask, shift_mean=True)
     return {"kl": kl, "rewards": rewards, "non_score_rewards": non_score, "advantages": advantages, "returns": returns}

@@ -3,8 +3,9 @@
 1. g = ∇ L(θ) at θ_old, with the surrogate L = mean_tokens(w · r · A) (+ entropy bonus, − β·KL-to-reference loss);
 2. s ≈ F⁻¹ g by conjugate gradient, where F v is the Hessian-vector product of the mean per-token
    KL(π_old ‖ π_θ) over the rollout's response tokens (full next-token distributions), damped: (F + λI) v;
-3. the step s · sqrt(2δ / sᵀFs) is halved until the exact mean KL is ≤ δ (``max_kl``) and the surrogate improved;
-   if no try passes, the weights are left exactly as they were;
+3. the step s · sqrt(2δ / sᵀFs), with the *undamped* curvature sᵀFs, is shortened until the exact mean KL is ≤ δ
+   (``max_kl``) and the surrogate improved (see :meth:`TRPO._line_search`); if no try passes, the weights are left
+   exactly as they were;
 4. the value head is fitted by its own Adam optimizer on the rollout's returns (the trunk is not touched).
 
 A non-finite surrogate, gradient, direction or curvature means no step at all (weights untouched), and a non-finite
@@ -143,23 +144,22 @@ class TRPO(UpdateRule):
         nonfinite = not (math.isfinite(g_norm) and math.isfinite(float(surrogate_old)))
         if g_norm > 0 and not nonfinite:
             step_dir, residual = ops.conjugate_gradient(fvp, g, cfg.cg_iters)
-            shs = float(torch.dot(step_dir, fvp(step_dir)))
+            shs_damped = float(torch.dot(step_dir, fvp(step_dir)))
+            # the step length comes from the *undamped* curvature sᵀFs: the damping only conditions CG, and scaling by
+            # sᵀ(F + λI)s would land far inside the trust region (a quarter of max_kl on small models)
+            shs = shs_damped - cfg.cg_damping * float(torch.dot(step_dir, step_dir))
+            if not shs > 1e-12 * max(shs_damped, 1e-12):  # F's curvature along s vanished numerically: keep the damping
+                shs = shs_damped
             full_step = step_dir * math.sqrt(2 * cfg.max_kl / max(shs, 1e-12))
             expected = float(torch.dot(g, full_step))
             metrics.update({"trpo/cg_residual": residual, "trpo/expected_gain": expected})
             # a NaN/inf direction or curvature (sᵀFs, the expected gain) moves nothing: no line search at all
             nonfinite = not (math.isfinite(shs) and math.isfinite(expected))
-            line_search = range(1, cfg.line_search_steps + 1) if not nonfinite else ()
-            for tries in line_search:
-                frac = 0.5 ** (tries - 1)
-                _assign(params, theta_old + frac * full_step)
-                kl_new, gain = self._evaluate(
-                    lm, rollout, micro, old, advantages, kl_coef, n_tok, surrogate_old, reduce
-                )
-                # a NaN KL or gain fails every comparison: that try is rejected
-                if kl_new <= cfg.max_kl and gain > 0 and gain >= cfg.line_search_accept_ratio * frac * expected:
-                    accepted = True
-                    break
+            if not nonfinite:
+                accepted, kl_new, gain, tries, frac = self._line_search(
+                    params, theta_old, full_step, expected, lm, rollout, micro, old, advantages, kl_coef, n_tok,
+                    surrogate_old, reduce,
+                )  # fmt: skip
             if not accepted:
                 _assign(params, theta_old)  # a rejected search leaves the policy exactly as it was
         metrics.update(
@@ -178,6 +178,46 @@ class TRPO(UpdateRule):
             metrics.update(self._fit_value_head(policy, rollout, returns, accelerator))
             metrics["policy/nonfinite_steps"] += metrics.pop("value/nonfinite_steps")
         return metrics
+
+    def _line_search(
+        self, params, theta_old, full_step, expected, lm, rollout, micro, old, advantages, kl_coef, n_tok,
+        surrogate_old, reduce,
+    ):  # fmt: skip
+        """Find the step length along ``full_step`` (scaled so that the quadratic model predicts KL = δ).
+
+        A try is accepted when its measured KL is ≤ δ, its surrogate gain positive and at least
+        ``line_search_accept_ratio`` of the expected gain. A try over δ is shrunk to where the measured KL, quadratic
+        in the step length, would be 0.9 δ; a try that does not improve enough is halved. An accepted first try whose
+        measured KL is under 0.75 δ (the quadratic model over-estimated the curvature) is stretched once to a
+        predicted 0.9 δ, and the longer step is kept only if it too is inside δ and gains more. Returns
+        (accepted, kl, gain, tries, fraction of ``full_step`` taken); the weights hold the accepted step (or the last
+        try: the caller restores θ_old when nothing was accepted)."""
+        cfg = self.config
+        frac, kl_new, gain = 1.0, 0.0, 0.0
+
+        def ok(kl, gain, frac):  # a NaN KL or gain fails every comparison: that try is rejected
+            return kl <= cfg.max_kl and gain > 0 and gain >= cfg.line_search_accept_ratio * frac * expected
+
+        for tries in range(1, cfg.line_search_steps + 1):  # noqa: B007 (tries is read after the loop)
+            _assign(params, theta_old + frac * full_step)
+            kl_new, gain = self._evaluate(lm, rollout, micro, old, advantages, kl_coef, n_tok, surrogate_old, reduce)
+            if ok(kl_new, gain, frac):
+                break
+            if math.isfinite(kl_new) and kl_new > cfg.max_kl:  # the KL is quadratic in the step length
+                frac *= 0.9 * math.sqrt(cfg.max_kl / kl_new)
+            else:
+                frac *= 0.5
+        else:
+            return False, kl_new, gain, cfg.line_search_steps, frac
+        if tries == 1 and 0 < kl_new < 0.75 * cfg.max_kl and tries < cfg.line_search_steps:
+            stretch = min(math.sqrt(0.9 * cfg.max_kl / kl_new), 4.0)
+            _assign(params, theta_old + stretch * full_step)
+            kl_s, gain_s = self._evaluate(lm, rollout, micro, old, advantages, kl_coef, n_tok, surrogate_old, reduce)
+            tries += 1
+            if ok(kl_s, gain_s, stretch) and gain_s > gain:
+                return True, kl_s, gain_s, tries, stretch
+            _assign(params, theta_old + frac * full_step)  # back to the accepted first try
+        return True, kl_new, gain, tries, frac
 
     @torch.no_grad()
     def _evaluate(self, lm, rollout, micro, old, advantages, kl_coef, n_tok, surrogate_old, reduce):
