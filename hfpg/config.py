@@ -123,6 +123,20 @@ class PGConfig:
     target_approx_kl: float | None = _f(
         None, "Stop the current update early once the policy's approx KL to the rollout exceeds this."
     )
+    loss_type: str = _f(
+        "dapo",
+        "How token losses become a minibatch loss: dapo (sum / real tokens of the global minibatch) | grpo (mean "
+        "over each sequence's tokens, then over sequences) | dr_grpo (sum / (sequences × max_new_tokens)).",
+        choices=("dapo", "grpo", "dr_grpo"),
+    )
+    mask_truncated_completions: bool = _f(
+        False, "Leave completions that hit max_new_tokens without a stop token out of the loss (DAPO's overlong mask)."
+    )
+    importance_sampling_level: str = _f(
+        "token",
+        "PPO ratio per token | per sequence: exp(mean log-ratio of its tokens) for every token (GSPO).",
+        choices=("token", "sequence"),
+    )
 
     # --- TRPO -----------------------------------------------------------------------------------------------------
     max_kl: float = _f(0.01, "TRPO trust region δ: mean per-token KL(old || new) an accepted step may reach.")
@@ -397,6 +411,7 @@ class PGConfig:
         if not 0.0 <= self.baseline_ema < 1.0:
             p.append(f"baseline_ema={self.baseline_ema!r} must lie in [0, 1)")
         p.extend(self.algorithm_problems())
+        p.extend(self.loss_problems())
         if self.clip_range_high is not None and not self.clip_range_high > 0:
             p.append(f"clip_range_high={self.clip_range_high!r} must be > 0 or null (null = clip_range)")
         if self.adaptive_kl and self.kl_coef == 0:
@@ -462,6 +477,32 @@ class PGConfig:
             )
         if self.replay_batch_size and self.replay_batch_size > self.replay_buffer_size:
             p.append(f"replay_batch_size={self.replay_batch_size} exceeds replay_buffer_size={self.replay_buffer_size}")
+        return p
+
+    def loss_problems(self) -> list[str]:
+        """Loss normalisation, truncated-completion masking and the ratio level against the update rule."""
+        p = []
+        if self.loss_type == "bnpo":
+            p.append(
+                "loss_type=bnpo is TRL's per-process token mean; use loss_type: dapo, the same mean over the real "
+                "tokens of the global minibatch (equal on one process without accumulation, and split-independent)"
+            )
+        if self.algorithm == "trpo":
+            for name, default in (
+                ("loss_type", "dapo"),
+                ("mask_truncated_completions", False),
+                ("importance_sampling_level", "token"),
+            ):
+                if getattr(self, name) != default:
+                    p.append(
+                        f"{name}={getattr(self, name)!r} applies to algorithm ppo or reinforce (the minibatch loss); "
+                        f"TRPO's surrogate and trust region are token means over the batch: set {name}: {default}"
+                    )
+        elif self.importance_sampling_level == "sequence" and self.algorithm != "ppo":
+            p.append(
+                f"importance_sampling_level=sequence (GSPO) changes the clipped PPO ratio; algorithm "
+                f"{self.algorithm} has no ratio to clip: set algorithm: ppo, or importance_sampling_level: token"
+            )
         return p
 
     def batch_problems(self, num_processes: int = 1) -> list[str]:
