@@ -121,11 +121,25 @@ class PGConfig:
     lam: float = _f(0.95, "GAE λ: 1 = Monte-Carlo returns, 0 = one-step TD.")
     whiten_advantages: bool | None = _f(
         None,
-        "Whiten advantages over real tokens of the global batch (None = auto: false for the per-prompt baselines "
-        "leave_one_out and group_norm, true otherwise).",
+        "Whiten advantages over real tokens of the global batch (None = auto: false for RLOO's leave_one_out "
+        "baseline, true otherwise).",
     )
     target_approx_kl: float | None = _f(
         None, "Stop the current update early once the policy's approx KL to the rollout exceeds this."
+    )
+    loss_type: str = _f(
+        "dapo",
+        "How token losses become a minibatch loss: dapo (sum / real tokens of the global minibatch) | grpo (mean "
+        "over each sequence's tokens, then over sequences) | dr_grpo (sum / (sequences × max_new_tokens)).",
+        choices=("dapo", "grpo", "dr_grpo"),
+    )
+    mask_truncated_completions: bool = _f(
+        False, "Leave completions that hit max_new_tokens without a stop token out of the loss (DAPO's overlong mask)."
+    )
+    importance_sampling_level: str = _f(
+        "token",
+        "PPO ratio per token | per sequence: exp(mean log-ratio of its tokens) for every token (GSPO).",
+        choices=("token", "sequence"),
     )
 
     # --- TRPO -----------------------------------------------------------------------------------------------------
@@ -403,6 +417,7 @@ class PGConfig:
         if not 0.0 <= self.baseline_ema < 1.0:
             p.append(f"baseline_ema={self.baseline_ema!r} must lie in [0, 1)")
         p.extend(self.algorithm_problems())
+        p.extend(self.loss_problems())
         if self.clip_range_high is not None and not self.clip_range_high > 0:
             p.append(f"clip_range_high={self.clip_range_high!r} must be > 0 or null (null = clip_range)")
         if self.adaptive_kl and self.kl_coef == 0:
@@ -470,6 +485,32 @@ class PGConfig:
             p.append(f"replay_batch_size={self.replay_batch_size} exceeds replay_buffer_size={self.replay_buffer_size}")
         return p
 
+    def loss_problems(self) -> list[str]:
+        """Loss normalisation, truncated-completion masking and the ratio level against the update rule."""
+        p = []
+        if self.loss_type == "bnpo":
+            p.append(
+                "loss_type=bnpo is TRL's per-process token mean; use loss_type: dapo, the same mean over the real "
+                "tokens of the global minibatch (equal on one process without accumulation, and split-independent)"
+            )
+        if self.algorithm == "trpo":
+            for name, default in (
+                ("loss_type", "dapo"),
+                ("mask_truncated_completions", False),
+                ("importance_sampling_level", "token"),
+            ):
+                if getattr(self, name) != default:
+                    p.append(
+                        f"{name}={getattr(self, name)!r} applies to algorithm ppo or reinforce (the minibatch loss); "
+                        f"TRPO's surrogate and trust region are token means over the batch: set {name}: {default}"
+                    )
+        elif self.importance_sampling_level == "sequence" and self.algorithm != "ppo":
+            p.append(
+                f"importance_sampling_level=sequence (GSPO) changes the clipped PPO ratio; algorithm "
+                f"{self.algorithm} has no ratio to clip: set algorithm: ppo, or importance_sampling_level: token"
+            )
+        return p
+
     def batch_problems(self, num_processes: int = 1) -> list[str]:
         """Batch sizes must divide: rollout = mini_batch × n_minibatches; mini_batch = processes × accum × micro."""
         p = []
@@ -514,12 +555,13 @@ class PGConfig:
     # ---- derived sizes -------------------------------------------------------------------------------------------
     @property
     def whitens_advantages(self) -> bool:
-        """``whiten_advantages`` as set, or its default: RLOO's leave-one-out and GRPO's group-normalised advantages
-        are already centred per prompt and learned more per sample unwhitened (``make bench-learning``); PPO's
-        critic and the other baselines whiten, as PPO implementations do."""
+        """``whiten_advantages`` as set, or its default. RLOO's leave-one-out advantages learned more per sample
+        unwhitened (as TRL's RLOO, which does not whiten them); group-normalised (GRPO-style) advantages learned far
+        more whitened on the toy task of the tests, where most groups score alike and whitening rescales the few
+        that differ; PPO's critic advantages are whitened, as PPO implementations do."""
         if self.whiten_advantages is not None:
             return self.whiten_advantages
-        return not (self.advantage_estimator == "returns" and self.baseline in ("leave_one_out", "group_norm"))
+        return not (self.advantage_estimator == "returns" and self.baseline == "leave_one_out")
 
     @property
     def num_mini_batches(self) -> int:

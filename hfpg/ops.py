@@ -224,14 +224,29 @@ def ppo_policy_loss(
     advantages: torch.Tensor,
     clip_range: float,
     clip_range_high: float | None = None,
+    mask: torch.Tensor | None = None,
+    importance_sampling_level: str = "token",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Clipped surrogate per token: ``max(-A·r, -A·clip(r, 1-ε, 1+ε_high))`` with ``r = exp(logp - logp_old)``;
-    ``ε_high`` (DAPO's clip-higher) defaults to ``ε``.
+    """Clipped surrogate per token: ``max(-A·r, -A·clip(r, 1-ε, 1+ε_high))``; ``ε_high`` (DAPO's clip-higher)
+    defaults to ``ε``. The ratio ``r`` is, by ``importance_sampling_level``:
+
+    - ``token``: ``exp(logp - logp_old)``;
+    - ``sequence`` (GSPO, Zheng et al. 2025; needs ``mask``): ``s_i = exp(mean over the real tokens of sequence i of
+      (logp - logp_old))``, used in GSPO's token form ``s_i,t = sg[s_i] · π_t / sg[π_t]``: equal to ``s_i`` at every
+      token (so the whole sequence is clipped or not), with gradient ``s_i · ∇log π_t`` per token.
 
     All (B, T) -> (loss (B, T), clipped (B, T) bool: the clipped branch was taken, ratio (B, T)).
     """
     high = clip_range if clip_range_high is None else clip_range_high
-    ratio = torch.exp(logprobs - old_logprobs)
+    if importance_sampling_level == "token":
+        ratio = torch.exp(logprobs - old_logprobs)
+    elif importance_sampling_level == "sequence":
+        if mask is None:
+            raise ValueError("importance_sampling_level='sequence' needs the mask of real tokens")
+        seq_log_ratio = masked_sum(logprobs - old_logprobs, mask, dim=1) / mask.sum(1).clamp(min=1)  # (B,)
+        ratio = torch.exp(seq_log_ratio.detach().unsqueeze(1) + logprobs - logprobs.detach())
+    else:
+        raise ValueError(f"importance_sampling_level must be 'token' or 'sequence', not {importance_sampling_level!r}")
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + high)
     return torch.maximum(unclipped, clipped), clipped > unclipped, ratio

@@ -90,23 +90,6 @@ def _scale_rewards(v: Any) -> str:
     )
 
 
-def _loss_type(v: Any) -> str:
-    rule = (
-        "hfpg has one loss normalisation: the token losses of a minibatch are summed and divided by its real tokens "
-        "counted over all processes, which is TRL's default 'dapo'"
-    )
-    if v == "dapo":
-        return f"remove it: {rule}"
-    return f"{rule}; {_yaml(v)!r} (and TRL's other loss types) is not available"
-
-
-def _mask_truncated_completions(v: Any) -> str:
-    return (
-        "not available: hfpg trains on every completion. missing_eos_penalty: X subtracts X from the score of a "
-        "completion that hit max_new_tokens without a stop token, the usual alternative"
-    )
-
-
 def _repetition_penalty(v: Any) -> str:
     return (
         "not a sampling setting in hfpg: every logits processor beyond temperature/top_k/top_p/min_p is kept off so "
@@ -311,8 +294,6 @@ TRL_KEY_HINTS: dict[str, Callable[[Any], str]] = {
     "epsilon": _epsilon,
     "epsilon_high": _epsilon_high,
     "scale_rewards": _scale_rewards,
-    "loss_type": _loss_type,
-    "mask_truncated_completions": _mask_truncated_completions,
     "repetition_penalty": _repetition_penalty,
     "ds3_gather_for_generation": _ds3_gather,
     "vllm_importance_sampling_cap": _vllm_is_cap,

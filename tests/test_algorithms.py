@@ -90,7 +90,7 @@ def test_group_norm_matches_a_hand_computation():
         assert (adv[i, n:] == 0).all()
 
 
-def test_whitening_defaults_to_off_for_the_per_prompt_baselines_only():
+def test_whitening_defaults_to_off_for_the_leave_one_out_baseline_only():
     r = _rollout([2, 2, 2, 2])
     scores = torch.tensor([1.0, 3.0, 0.0, 4.0])
     loo = dict(baseline="leave_one_out", num_samples_per_prompt=2, whiten_advantages=None)
@@ -101,9 +101,7 @@ def test_whitening_defaults_to_off_for_the_per_prompt_baselines_only():
     # whitened over the 8 real tokens (±2, ±4 twice each; mean 0, unbiased variance 80/7)
     torch.testing.assert_close(whitened[:, 0], torch.tensor([-2.0, 2.0, -4.0, 4.0]) / (80 / 7) ** 0.5)
     assert not PGConfig(algorithm="reinforce", advantage_estimator="returns", **loo).whitens_advantages
-    assert not PGConfig(
-        advantage_estimator="returns", baseline="group_norm", num_samples_per_prompt=2
-    ).whitens_advantages
+    assert PGConfig(advantage_estimator="returns", baseline="group_norm", num_samples_per_prompt=2).whitens_advantages
     assert PGConfig().whitens_advantages  # PPO with GAE and its critic
     assert PGConfig(advantage_estimator="returns", baseline="moving_average").whitens_advantages
     assert PGConfig(advantage_estimator="returns", baseline="none").whitens_advantages

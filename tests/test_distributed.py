@@ -75,7 +75,7 @@ def equivalence_runs(tmp_path_factory):
     return out, _torchrun("equivalence", out)
 
 
-@pytest.mark.parametrize("variant", ["ppo", "rloo"])
+@pytest.mark.parametrize("variant", ["ppo", "rloo", "grpo", "dr_grpo"])
 def test_two_process_update_equals_the_one_process_update(variant, equivalence_runs, checks_module, tmp_path):
     """Same global batch, same seed and weights: 2 processes × 4 sequences give the update of 1 process × 8 — with
     shards of different token counts, whitened scores/advantages, gradient accumulation, clipping and 2 epochs."""

@@ -181,9 +181,9 @@ def test_each_epoch_draws_a_fresh_permutation_of_the_batch(tokenizer, tmp_path, 
     seen = []
     original = PPO._micro_step
 
-    def spy(self, model, accelerator, rollout, advantages, returns, kl_coef, idx, *args):
+    def spy(self, model, accelerator, rollout, advantages, returns, kl_coef, b_mask, b_weight, idx, *args):
         seen.append(idx.tolist())
-        return original(self, model, accelerator, rollout, advantages, returns, kl_coef, idx, *args)
+        return original(self, model, accelerator, rollout, advantages, returns, kl_coef, b_mask, b_weight, idx, *args)
 
     monkeypatch.setattr(PPO, "_micro_step", spy)
     trainer = make_trainer(tokenizer, tmp_path, max_steps=1, rollout_batch_size=8, mini_batch_size=2, ppo_epochs=3)
@@ -193,8 +193,17 @@ def test_each_epoch_draws_a_fresh_permutation_of_the_batch(tokenizer, tmp_path, 
     assert len({tuple(e) for e in epochs}) == 3
 
 
-def test_gradient_accumulation_gives_the_same_update(tokenizer, tmp_path):
-    """Detail 13: a minibatch of 8 in one piece or as 4 micro-batches of 2 gives the same weights."""
+@pytest.mark.parametrize(
+    "loss",
+    [
+        {},
+        dict(loss_type="grpo", mask_truncated_completions=True, stop_token_ids=list(range(60, 100))),  # some stop
+        dict(loss_type="dr_grpo", importance_sampling_level="sequence"),
+    ],
+    ids=["dapo", "grpo-masked", "dr_grpo-gspo"],
+)
+def test_gradient_accumulation_gives_the_same_update(loss, tokenizer, tmp_path):
+    """Detail 13: a minibatch of 8 in one piece or as 4 micro-batches of 2 gives the same weights (each loss_type)."""
     results = []
     for accum in (1, 4):
         trainer = make_trainer(
@@ -205,6 +214,7 @@ def test_gradient_accumulation_gives_the_same_update(tokenizer, tmp_path):
             mini_batch_size=8,
             gradient_accumulation_steps=accum,
             learning_rate=1e-3,
+            **loss,
         )
         trainer.train()
         results.append(params(trainer.unwrapped_model))

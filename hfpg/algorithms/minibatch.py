@@ -1,10 +1,23 @@
 """The minibatch update loop shared by PPO and REINFORCE; each gives only its per-token policy loss.
 
 The update runs ``epochs`` passes over the batch; each pass draws a fresh permutation and cuts it into minibatches,
-each minibatch into ``gradient_accumulation_steps`` micro-batches. Token losses are summed and divided by the number
-of real tokens in the *global* minibatch, so the update does not depend on how the minibatch is split into
-micro-batches or processes. Shared terms — value loss, entropy bonus, KL-to-reference as a loss, importance weights
-of replayed samples — live here once.
+each minibatch into ``gradient_accumulation_steps`` micro-batches. The loss of a minibatch is a weighted sum of its
+token losses over a normaliser counted over the *global* minibatch (``loss_type``):
+
+=========  ==============================  =====================================================================
+loss_type  weight of a real token of seq i  normaliser
+=========  ==============================  =====================================================================
+dapo       1                               real tokens of the global minibatch
+grpo       1 / (real tokens of i)          sequences of the global minibatch with at least one real token
+dr_grpo    1                               sequences of the global minibatch × max_new_tokens (a constant)
+=========  ==============================  =====================================================================
+
+so the update does not depend on how the minibatch is split into micro-batches or processes. Every term of the token
+loss — policy, value, entropy bonus, KL-to-reference as a loss — goes through the same weighted sum. With
+``mask_truncated_completions`` the completions without a stop token (``has_stop`` False, what ``missing_eos_penalty``
+penalises) leave the loss mask, hence every term and the normaliser (dr_grpo's stays the constant); they still count
+in the advantages' group statistics. Shared terms — value loss, entropy bonus, KL-to-reference as a loss, importance
+weights of replayed samples — live here once.
 """
 
 from __future__ import annotations
@@ -69,6 +82,25 @@ class MinibatchPolicyGradient(UpdateRule):
         """Per-token value loss (B, T) and its clipped flags (or None)."""
         return 0.5 * (new_values - returns[idx]) ** 2, None
 
+    def update_mask(self, rollout) -> torch.Tensor:
+        """(B, T) bool: the tokens whose losses enter the update — the rollout's loss mask, less the completions
+        without a stop token when ``mask_truncated_completions``."""
+        mask = rollout.loss_mask
+        if self.config.mask_truncated_completions:
+            mask = mask & rollout.has_stop.to(mask.device).unsqueeze(1)
+        return mask
+
+    def token_weights(self, mask: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """``loss_type`` as weights: mask (B, T) -> (weight of each real token (B, 1), or None for 1; what each
+        sequence adds to the minibatch's normaliser (B,))."""
+        cfg = self.config
+        lengths = mask.sum(1).float()
+        if cfg.loss_type == "grpo":  # a mean over each sequence's own tokens, then over sequences
+            return (1.0 / lengths.clamp(min=1.0)).unsqueeze(1), (lengths > 0).float()
+        if cfg.loss_type == "dr_grpo":  # Dr. GRPO: a constant, every sequence counts max_new_tokens
+            return None, torch.full_like(lengths, float(cfg.max_new_tokens))
+        return None, lengths  # dapo: a mean over the global minibatch's tokens
+
     # ---- the loop ---------------------------------------------------------------------------------------------------
     def update(
         self, model, optimizer, scheduler, accelerator, rollout, advantages, returns, kl_coef=0.0, first_forward=None
@@ -86,19 +118,23 @@ class MinibatchPolicyGradient(UpdateRule):
         B = rollout.batch_size
         mb_size = cfg.mini_batch_size // P  # this process's share of a minibatch
         micro = mb_size // cfg.gradient_accumulation_steps
-        b_mask = rollout.loss_mask  # real tokens of scorable samples
+        b_mask = self.update_mask(rollout)  # real tokens of scorable (and, if asked, stopped) samples
+        b_weight, b_count = self.token_weights(b_mask)
         stats = MetricSums()
         deepspeed = is_deepspeed(accelerator)
         early_stopped, epochs_done, n_updates, n_nonfinite, n_overflow = False, 0, 0, 0, 0
-        micro_step = functools.partial(self._micro_step, model, accelerator, rollout, advantages, returns, kl_coef)
+        micro_step = functools.partial(
+            self._micro_step, model, accelerator, rollout, advantages, returns, kl_coef, b_mask, b_weight
+        )
+        if cfg.mask_truncated_completions:  # the share of sequences left out for want of a stop token
+            stats.add("policy/truncated_masked_fraction", (~rollout.has_stop).float().sum(), float(B))
         model.train()
         for _epoch in range(self.epochs):
             perm = torch.randperm(B, device=b_mask.device)  # fresh permutation every epoch
             for mb_start in range(0, B, mb_size):
                 mb_idx = perm[mb_start : mb_start + mb_size]
-                # normaliser: real tokens of the *global* minibatch / P, because DDP averages gradients over P
-                mb_tokens = global_sum(accelerator, b_mask[mb_idx].sum().float())
-                normaliser = (mb_tokens / P).clamp(min=1.0)
+                # normaliser: counted over the *global* minibatch (loss_type), / P because DDP averages over P
+                normaliser = global_sum(accelerator, b_count[mb_idx].sum()).clamp(min=1.0) / P
                 mb_approx_kl = MetricSums()
                 loss_bad = torch.zeros((), dtype=torch.bool, device=b_mask.device)  # a non-finite micro-batch loss
                 for k, micro_start in enumerate(range(0, mb_size, micro)):
@@ -204,12 +240,13 @@ class MinibatchPolicyGradient(UpdateRule):
         return outcome
 
     def _micro_step(
-        self, model, accelerator, rollout, advantages, returns, kl_coef, idx, normaliser, out=None
+        self, model, accelerator, rollout, advantages, returns, kl_coef, b_mask, b_weight, idx, normaliser, out=None
     ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
-        """Loss of the rows ``idx`` (their forward, unless ``out`` holds it), backward. Returns ``{metric: (sum over
+        """Loss of the rows ``idx`` (their forward, unless ``out`` holds it), backward. b_mask (B, T) and b_weight
+        (B, 1) or None: :meth:`update_mask` and :meth:`token_weights` of the whole batch. Returns ``{metric: (sum over
         real tokens, real tokens)}`` of this micro-batch and its (detached) loss, to check that it is finite."""
         cfg = self.config
-        mask = rollout.loss_mask[idx]
+        mask = b_mask[idx]
         need_entropy = cfg.ent_coef > 0
         if out is None:
             out = rollout_forward(
@@ -235,6 +272,8 @@ class MinibatchPolicyGradient(UpdateRule):
             kl_tok = ops.kl_per_token(out["logprobs"], rollout.ref_logprobs[idx], cfg.kl_estimator)
             loss_tok = loss_tok + kl_coef * kl_tok
             pstats["loss/kl"] = kl_tok.detach()
+        if b_weight is not None:
+            loss_tok = loss_tok * b_weight[idx]
         loss = ops.masked_sum(loss_tok, mask) / normaliser
         if is_deepspeed(accelerator):  # the engine divides by its gradient_accumulation_steps; ours already counts
             loss = loss * cfg.gradient_accumulation_steps

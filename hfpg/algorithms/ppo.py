@@ -19,7 +19,13 @@ class PPO(MinibatchPolicyGradient):
     def policy_loss(self, new_logprobs, rollout, idx, advantages, weights):
         cfg = self.config
         pg_tok, clipped, ratio = ops.ppo_policy_loss(
-            new_logprobs, rollout.logprobs[idx], advantages[idx], cfg.clip_range, cfg.clip_range_high
+            new_logprobs,
+            rollout.logprobs[idx],
+            advantages[idx],
+            cfg.clip_range,
+            cfg.clip_range_high,
+            mask=rollout.loss_mask[idx],
+            importance_sampling_level=cfg.importance_sampling_level,
         )
         pg_tok = weights * pg_tok  # truncated importance weights: 1 for fresh samples
         return pg_tok, {

@@ -53,6 +53,29 @@ VARIANTS = {
         kl_estimator="k3",
         max_grad_norm=0.5,
     ),
+    # the GRPO/DAPO loss family: per-sequence means counted over the global minibatch, truncated completions left
+    # out (most are truncated here), GSPO's sequence ratio, and Dr. GRPO's constant normaliser
+    "grpo": dict(
+        algorithm="ppo",
+        advantage_estimator="returns",
+        baseline="group_norm",
+        num_samples_per_prompt=2,
+        ppo_epochs=2,
+        gradient_accumulation_steps=2,
+        loss_type="grpo",
+        mask_truncated_completions=True,
+        importance_sampling_level="sequence",
+        max_grad_norm=0.5,
+    ),
+    "dr_grpo": dict(
+        algorithm="reinforce",
+        advantage_estimator="returns",
+        baseline="leave_one_out",
+        num_samples_per_prompt=2,
+        gradient_accumulation_steps=2,
+        loss_type="dr_grpo",
+        max_grad_norm=0.5,
+    ),
 }
 
 
