@@ -164,8 +164,14 @@ def render_model_card(meta: dict, repo_id: str | None = None, config: dict | Non
         f"# {title}",
         "",
         f"This model is {what}, trained with reinforcement learning ({algorithm.upper()}) by "
-        f"hfpg {__version__}. A value head (`value_head.safetensors`) is saved "
-        f"beside the policy so that training can continue; inference does not need it.",
+        f"hfpg {__version__}. "
+        + (
+            "Its critic, a separate value model, is saved in `value_model/` (a sequence classifier) so that "
+            "training can continue; inference does not need it."
+            if config.get("value_model")
+            else "A value head (`value_head.safetensors`) is saved beside the policy so that training can continue; "
+            "inference does not need it."
+        ),
         "",
     ]
     rewards = meta.get("rewards") or []

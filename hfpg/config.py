@@ -155,6 +155,19 @@ class PGConfig:
     value_epochs: int = _f(4, "TRPO: epochs of the value head's own optimizer over each rollout.")
     value_learning_rate: float = _f(1e-3, "TRPO: learning rate of the value head's own Adam optimizer.")
 
+    # --- separate value model (critic) ------------------------------------------------------------------------------
+    value_model: str | None = _f(
+        None,
+        "A separate critic instead of the value head: a model id/path (1-output sequence classifier, or causal LM + "
+        "fresh head) | reward_model (copy of the run's reward model) | policy (its weights; LoRA: a 2nd adapter).",
+    )
+    value_model_learning_rate: float | None = _f(
+        None, "Learning rate of the value model's own AdamW (None = learning_rate); it follows lr_scheduler_type."
+    )
+    value_model_warmup_steps: int = _f(
+        0, "The first N training steps update only the value model; the policy's weights stay exactly as they are."
+    )
+
     # --- experience replay ----------------------------------------------------------------------------------------
     replay_buffer_size: int = _f(0, "Past sequences kept per process for replay (0 = replay off).")
     replay_batch_size: int = _f(0, "Replayed sequences added to each update (global; a multiple of mini_batch_size).")
@@ -418,6 +431,7 @@ class PGConfig:
             p.append(f"baseline_ema={self.baseline_ema!r} must lie in [0, 1)")
         p.extend(self.algorithm_problems())
         p.extend(self.loss_problems())
+        p.extend(self.value_model_problems())
         if self.clip_range_high is not None and not self.clip_range_high > 0:
             p.append(f"clip_range_high={self.clip_range_high!r} must be > 0 or null (null = clip_range)")
         if self.adaptive_kl and self.kl_coef == 0:
@@ -508,6 +522,45 @@ class PGConfig:
             p.append(
                 f"importance_sampling_level=sequence (GSPO) changes the clipped PPO ratio; algorithm "
                 f"{self.algorithm} has no ratio to clip: set algorithm: ppo, or importance_sampling_level: token"
+            )
+        return p
+
+    def value_model_problems(self) -> list[str]:
+        """``value_model`` and its keys: a critic only where the rule uses one, and what it cannot be combined with."""
+        p = []
+        if self.value_model is None:
+            if self.value_model_learning_rate is not None or self.value_model_warmup_steps:
+                p.append(
+                    "value_model_learning_rate / value_model_warmup_steps apply to a separate critic: set value_model "
+                    "(a model id or path, reward_model or policy), or remove them"
+                )
+            return p
+        if not str(self.value_model).strip():
+            p.append("value_model='' names no model: give a model id or path, reward_model or policy (or null)")
+        if not (self.advantage_estimator == "gae" or self.baseline == "value"):
+            p.append(
+                f"value_model={self.value_model!r} trains a critic, but advantage_estimator={self.advantage_estimator} "
+                f"with baseline={self.baseline} uses none; set advantage_estimator=gae or baseline=value, or "
+                "value_model=null"
+            )
+        if self.value_model_learning_rate is not None and not self.value_model_learning_rate > 0:
+            p.append(f"value_model_learning_rate={self.value_model_learning_rate!r} must be > 0 or null")
+        if self.value_model_warmup_steps < 0:
+            p.append(f"value_model_warmup_steps={self.value_model_warmup_steps} must be >= 0")
+        elif self.value_model_warmup_steps >= self.max_steps:
+            p.append(
+                f"value_model_warmup_steps={self.value_model_warmup_steps} >= max_steps={self.max_steps}: the policy "
+                "would never be trained; lower it"
+            )
+        if self.replay_buffer_size:
+            p.append(
+                "value_model with experience replay is not supported yet (replayed values come from the value head); "
+                "set replay_buffer_size=0, or value_model=null"
+            )
+        if self.mixed_precision == "fp16":
+            p.append(
+                "value_model with mixed_precision=fp16 is not supported (one loss scaler for two optimizers); use bf16 "
+                "or no"
             )
         return p
 

@@ -106,8 +106,9 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
             model.v_head.load_state_dict(state)
         return model
 
-    def save_pretrained(self, save_directory: str, merge: bool = False, **kwargs) -> None:
-        """Save the wrapped model (or its adapter) with ``save_pretrained`` and the value head as safetensors.
+    def save_pretrained(self, save_directory: str, merge: bool = False, save_value_head: bool = True, **kwargs) -> None:
+        """Save the wrapped model (or its active adapter) with ``save_pretrained`` and the value head as safetensors
+        (``save_value_head=False``: not the head, e.g. when a separate value model is the critic).
 
         merge: for a PEFT policy, write one full model with the adapter merged into a copy of the base weights
             (loadable with plain ``AutoModelForCausalLM``) instead of the adapter; the policy itself is unchanged.
@@ -122,9 +123,13 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
         else:
             if merge:
                 logger.info("merge=True has no effect: the policy has no adapter; saving the full model")
+            if self.is_peft_model and "selected_adapters" not in kwargs:  # the policy's adapter, not a critic's
+                active = self.pretrained_model.active_adapter
+                kwargs["selected_adapters"] = [active] if isinstance(active, str) else list(active)
             self.pretrained_model.save_pretrained(save_directory, **kwargs)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.v_head.state_dict().items()}
-        save_file(state, os.path.join(save_directory, VALUE_HEAD_FILE), metadata={"format": "pt"})
+        if save_value_head:
+            state = {k: v.detach().contiguous().cpu() for k, v in self.v_head.state_dict().items()}
+            save_file(state, os.path.join(save_directory, VALUE_HEAD_FILE), metadata={"format": "pt"})
 
     # ---- forward ---------------------------------------------------------------------------------------------------
     def forward(

@@ -20,6 +20,7 @@ from . import cards, hub
 from .distributed import full_weights
 from .errors import CheckpointError, ConfigError, DataError, HubError
 from .guards import check_finite
+from .value_model import VALUE_MODEL_DIR
 
 TRAINER_STATE = "trainer_state.json"
 
@@ -43,8 +44,14 @@ class SavingMixin:
         self.accelerator.wait_for_everyone()
         with full_weights(self.model, self.accelerator) as policy:  # ZeRO-3 / FSDP: every process gathers
             if self.accelerator.is_main_process:
-                policy.save_pretrained(output_dir, merge=merge)
+                critic = getattr(self, "critic", None)
+                # with a separate value_model the policy's value head is unused: not saved
+                policy.save_pretrained(output_dir, merge=merge, save_value_head=critic is None)
                 self.tokenizer.save_pretrained(output_dir)
+                if critic is not None:  # value_model/: a plain AutoModelForSequenceClassification + the tokenizer
+                    critic_dir = os.path.join(output_dir, VALUE_MODEL_DIR)
+                    self.accelerator.unwrap_model(critic.model).save_pretrained(critic_dir)
+                    self.tokenizer.save_pretrained(critic_dir)
                 with open(os.path.join(output_dir, cards.CONFIG_FILE), "w", encoding="utf-8") as f:
                     f.write(cards.config_yaml(self.config.to_dict()))
                 cards.make_portable(output_dir, self.model_card_data.get("base_model"))
@@ -121,6 +128,8 @@ class SavingMixin:
         acc = self.accelerator
         rng = _rng_state()  # first, before anything here could draw a random number
         check_finite(acc.unwrap_model(self.model), f"checkpoint-{self.global_step}")  # never save NaN weights
+        if getattr(self, "critic", None) is not None:
+            check_finite(acc.unwrap_model(self.critic.model), f"checkpoint-{self.global_step} (value_model)")
         final = os.path.join(self.config.output_dir, f"checkpoint-{self.global_step}")
         tmp = _sibling(final, "tmp")
         engine = _weights_format(acc)
@@ -142,6 +151,19 @@ class SavingMixin:
             encoder.write(
                 encoder.encode(self.optimizer.state_dict(), "optimizer"), tmp, OPTIMIZER_JSON, OPTIMIZER_TENSORS
             )
+            critic = getattr(self, "critic", None)
+            if critic is not None:  # the separate value_model and its optimizer
+                critic_file = os.path.join(tmp, CRITIC_FILE)
+                safetensors.torch.save_model(
+                    acc.unwrap_model(critic.model), critic_file, {"format": "pt"}, force_contiguous=True
+                )
+                encoder = _Encoder()
+                encoder.write(
+                    encoder.encode(critic.optimizer.state_dict(), "critic_optimizer"),
+                    tmp,
+                    CRITIC_OPTIMIZER_JSON,
+                    CRITIC_OPTIMIZER_TENSORS,
+                )
         self._save_process_state(tmp, rng)
         acc.wait_for_everyone()
         error = None
@@ -248,6 +270,7 @@ class SavingMixin:
                 self.optimizer.load_state_dict(optimizer_state)
             except Exception as e:
                 raise CheckpointError(f"{path}/{OPTIMIZER_JSON} does not fit this optimizer: {e}") from e
+            self._load_critic(path)
         for name, obj in objects.items():
             try:
                 obj.load_state_dict(decoded[name])
@@ -260,6 +283,29 @@ class SavingMixin:
         _set_rng_state(rng, state_file)  # last: nothing above may draw from a restored generator
         self.global_step = int(meta["global_step"])
 
+    def _load_critic(self, path: str) -> None:
+        """The separate value_model's weights and optimizer state (plain-weights checkpoints)."""
+        critic = getattr(self, "critic", None)
+        critic_file = os.path.join(path, CRITIC_FILE)
+        if critic is None:
+            if os.path.isfile(critic_file):
+                raise CheckpointError(
+                    f"{critic_file} holds a separate value model but this run has none (value_model is null); resume "
+                    f"with the value_model the checkpoint was made with"
+                )
+            return
+        if not os.path.isfile(critic_file):
+            raise CheckpointError(
+                f"{path} holds no {CRITIC_FILE} but this run trains a separate value_model; resume with the "
+                f"configuration the checkpoint was made with"
+            )
+        critic_state = _decode(*_read_encoded(path, CRITIC_OPTIMIZER_JSON, CRITIC_OPTIMIZER_TENSORS), path)
+        try:
+            safetensors.torch.load_model(self.accelerator.unwrap_model(critic.model), critic_file, strict=True)
+            critic.optimizer.load_state_dict(critic_state)
+        except Exception as e:
+            raise CheckpointError(f"{critic_file} (or its optimizer) does not fit this value model: {e}") from e
+
     def _checkpoint_objects(self) -> dict:
         """Every piece of run state a checkpoint holds beside the weights, optimizer and RNG, by name."""
         objects = {
@@ -271,6 +317,8 @@ class SavingMixin:
         }
         if self.replay is not None:
             objects["replay_buffer"] = self.replay
+        if getattr(self, "critic", None) is not None:
+            objects["value_scheduler"] = self.critic.scheduler
         if callable(getattr(self.reward_fn, "state_dict", None)) and callable(
             getattr(self.reward_fn, "load_state_dict", None)
         ):
@@ -302,6 +350,8 @@ class SavingMixin:
         required = [name.format(rank=r) for r in range(n) for name in (STATE_JSON, STATE_TENSORS)]
         if engine == PLAIN_WEIGHTS:
             required += [MODEL_FILE, OPTIMIZER_JSON, OPTIMIZER_TENSORS]
+            if getattr(self, "critic", None) is not None:
+                required += [CRITIC_FILE, CRITIC_OPTIMIZER_JSON, CRITIC_OPTIMIZER_TENSORS]
         missing = [name for name in required if not os.path.isfile(os.path.join(tmp, name))]
         if missing:
             raise CheckpointError(f"{tmp}: {', '.join(missing)} not written; the checkpoint was not completed")
@@ -355,6 +405,9 @@ CHECKPOINT_FORMAT = 2  # 1: hfpg 0.1.0, Accelerate's pickles (custom_checkpoint_
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_JSON = "optimizer.json"
 OPTIMIZER_TENSORS = "optimizer.safetensors"
+CRITIC_FILE = "value_model.safetensors"
+CRITIC_OPTIMIZER_JSON = "value_model_optimizer.json"
+CRITIC_OPTIMIZER_TENSORS = "value_model_optimizer.safetensors"
 STATE_JSON = "hfpg_state_{rank}.json"
 STATE_TENSORS = "hfpg_state_{rank}.safetensors"
 PLAIN_WEIGHTS = "safetensors"  # one process, DDP, ZeRO-free: hfpg writes MODEL_FILE and OPTIMIZER_*
@@ -365,6 +418,9 @@ CHECKPOINT_FILES = {
     MODEL_FILE: "the policy with its value head (every weight; main process)",
     OPTIMIZER_JSON: "the optimizer's state_dict as JSON: param groups, scalars, references into optimizer.safetensors",
     OPTIMIZER_TENSORS: "the optimizer's tensors (Adam moments, step counts)",
+    CRITIC_FILE: "value_model only: the separate critic's weights (a LoRA critic: its adapter and head)",
+    CRITIC_OPTIMIZER_JSON: "value_model only: the critic optimizer's state_dict, as OPTIMIZER_JSON",
+    CRITIC_OPTIMIZER_TENSORS: "value_model only: the critic optimizer's tensors",
     STATE_JSON: "one per process: RNG (python, numpy; torch / CUDA in the .safetensors), scheduler, KL controller, "
     "score shaper, sampler position, update rule, replay buffer, stateful reward, fp16 gradient scaler",
     STATE_TENSORS: "one per process: the tensors STATE_JSON refers to (RNG states, replay buffer)",
@@ -376,6 +432,7 @@ _WHAT = {
     "sampler": "prompt sampler position",
     "update_rule": "update rule: moving-average baseline, value optimizer",
     "replay_buffer": "replay buffer",
+    "value_scheduler": "the value model's learning-rate schedule",
     "reward": "reward statistics",
 }
 _HASH_LIMIT = 16 * 2**20

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase, TrainerControl, get_scheduler
 
@@ -52,6 +52,7 @@ from .rollout import (
 from .saving import SavingMixin
 from .sources import is_hub_id
 from .stats import global_moments, global_sum
+from .value_model import Critic, build_value_model, critic_values
 from .vllm_backend import ColocatedVLLM, request_seeds, sampler_correction
 
 logger = logging.getLogger(__name__)
@@ -105,9 +106,11 @@ class PGTrainer(SavingMixin):
             tokenizer = AutoTokenizer.from_pretrained(model)
         train_dataset, eval_dataset = self._check_formats(train_dataset, eval_dataset, tokenizer)  # before the model
         model = self._load_policy(model, tokenizer, peft_config)
+        self._critic_module = self._build_critic(model)  # value_model: a separate critic (None: the value head)
         self.train_dataset, self.eval_dataset = self._check_datasets(train_dataset, eval_dataset, model)
         self.ref_model = self._prepare_models(model, ref_model)
         self.model, self.optimizer, self.scheduler = self._setup_optimization(model, *optimizers)
+        self.critic = self._setup_critic()
         self._setup_run_state()
         self.generation_config = build_generation_config(config, self.tokenizer, self.stop_token_ids)
         self.vllm = self._create_vllm_engine()  # generation_backend: vllm (None for hf)
@@ -167,6 +170,28 @@ class PGTrainer(SavingMixin):
             raise ConfigError("the tokenizer has no eos_token; set stop_token_ids=[...] in the config")
         return model
 
+    def _build_critic(self, model):
+        """The separate critic of ``value_model`` (:mod:`hfpg.value_model`), or None for the value head. Refuses what
+        it cannot run: DeepSpeed / FSDP engines, and a LoRA critic on more than one process."""
+        spec = self.config.value_model
+        if spec is None:
+            return None
+        acc = self.accelerator
+        if acc.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+            raise ConfigError(
+                "value_model runs on one process or DDP; a DeepSpeed / FSDP engine for the critic is not supported "
+                "yet (use recipes/accelerate/ddp.yaml, or value_model=null for the value head)"
+            )
+        if spec == "policy" and model.is_peft_model and acc.num_processes > 1:
+            raise ConfigError(
+                "value_model: policy on a LoRA policy (a second adapter on the shared base) runs on one process only "
+                "for now; on several processes give value_model a model id or path (a separate copy)"
+            )
+        critic = build_value_model(spec, model, self.tokenizer, self.reward_fn)
+        if self.config.disable_dropout:
+            disable_dropout(critic)
+        return critic.to(acc.device)
+
     def _check_datasets(self, train_dataset, eval_dataset, model) -> tuple:
         """(train, eval), every prompt checked against the model's context (a stream: its first rows now, every later
         step's rows in step())."""
@@ -219,7 +244,8 @@ class PGTrainer(SavingMixin):
         With ``kl_coef: 0`` there is no reference at all (``self.uses_reference`` False): none is loaded or run."""
         config = self.config
         self.uses_reference = config.kl_coef > 0  # adaptive_kl needs kl_coef > 0 (validated)
-        if not self.algorithm.uses_critic:  # untrained and unused: DDP would wait for its gradients forever
+        # an untrained, unused value head (no critic, or a separate value_model): DDP would wait for its gradients
+        if not self.algorithm.uses_critic or self._critic_module is not None:
             model.v_head.requires_grad_(False)
         if config.disable_dropout:
             disable_dropout(model)
@@ -246,14 +272,17 @@ class PGTrainer(SavingMixin):
         """(prepared model, prepared optimizer, scheduler): AdamW over the trainable weights and a transformers
         schedule over every optimizer step of the run, unless given; AdaLoRA's rank allocation hooked in."""
         config = self.config
-        self.num_optimizer_steps = config.max_steps * self.algorithm.optimizer_steps_per_update
+        # value_model_warmup_steps: the policy takes no optimizer (or scheduler) step in the first N steps
+        policy_steps = config.max_steps - (config.value_model_warmup_steps if config.value_model else 0)
+        self.num_optimizer_steps = policy_steps * self.algorithm.optimizer_steps_per_update
         if model.peft_type == "ADALORA":  # re-allocates ranks from the gradients after every optimizer step
             self.algorithm.add_optimizer_step_hook(
                 adalora_step_hook(model, lambda: self.scheduler.last_epoch, self.num_optimizer_steps)
             )
+        shared = getattr(self._critic_module, "shared_parameter_ids", frozenset())  # a LoRA critic's adapter
         if optimizer is None:
             optimizer = torch.optim.AdamW(
-                [p for p in model.parameters() if p.requires_grad],
+                [p for p in model.parameters() if p.requires_grad and id(p) not in shared],
                 lr=config.learning_rate,
                 betas=(config.adam_beta1, config.adam_beta2),
                 eps=config.adam_epsilon,
@@ -269,6 +298,30 @@ class PGTrainer(SavingMixin):
         configure_deepspeed(self.accelerator, config)
         model, optimizer = self.accelerator.prepare(model, optimizer)
         return model, optimizer, scheduler  # the scheduler is not prepared: Accelerate would step it per process
+
+    def _setup_critic(self) -> Critic | None:
+        """The separate critic prepared with Accelerate like the policy (DDP), with its own AdamW (lr
+        ``value_model_learning_rate`` or ``learning_rate``) and a ``lr_scheduler_type`` schedule over its steps."""
+        config, critic = self.config, self._critic_module
+        if critic is None:
+            return None
+        optimizer = torch.optim.AdamW(
+            [p for p in critic.parameters() if p.requires_grad],
+            lr=config.value_model_learning_rate or config.learning_rate,
+            betas=(config.adam_beta1, config.adam_beta2),
+            eps=config.adam_epsilon,
+            weight_decay=config.weight_decay,
+        )
+        scheduler = get_scheduler(
+            config.lr_scheduler_type,
+            optimizer,
+            num_warmup_steps=config.warmup_steps,
+            num_training_steps=config.max_steps * self.algorithm.critic_steps_per_update,
+        )
+        shared = critic.shared_parameter_ids
+        model, optimizer = self.accelerator.prepare(critic, optimizer)
+        self.algorithm.critic = Critic(model, optimizer, scheduler, shared)
+        return self.algorithm.critic
 
     def _setup_run_state(self) -> None:
         """What a checkpoint holds beside the weights: scheduler, KL controller, score shaper, prompt sampler, update
@@ -344,6 +397,8 @@ class PGTrainer(SavingMixin):
         metrics: dict[str, float] = {}
         while self.global_step < cfg.max_steps and not self.should_stop and not self.control.should_training_stop:
             self._callback("on_step_begin")
+            # value_model_warmup_steps: the first N steps train only the critic
+            self.algorithm.policy_frozen = self.critic is not None and self.global_step < cfg.value_model_warmup_steps
             metrics = self.step()
             self.global_step += 1
             bar.update(1)
@@ -536,11 +591,14 @@ class PGTrainer(SavingMixin):
                     policy,
                     rollout,
                     cfg.temperature,
-                    with_values=True,
+                    with_values=self.critic is None,
                     with_entropy=True,
                     chunk_size=cfg.forward_batch_size,
                     logits_chunk_size=cfg.logits_chunk_size,
                 )
+                if self.critic is not None:  # values from the separate critic
+                    self.critic.model.eval()
+                    out["values"] = critic_values(self.critic.model, rollout, chunk_size=cfg.forward_batch_size)
             rollout.logprobs, rollout.values, rollout.entropy = out["logprobs"], out["values"], out["entropy"]
         timings["time/policy_forward"] = clock() - t
         t = clock()

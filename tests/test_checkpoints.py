@@ -257,6 +257,53 @@ def test_replay_buffer_and_running_statistics_resume_exactly(tokenizer, tmp_path
             assert not _is_pickle(p.read_bytes()[:4]), p
 
 
+@pytest.mark.parametrize("lora", [False, True], ids=["full-copy", "lora-adapter"])
+def test_a_separate_value_model_resumes_exactly(lora, tokenizer, tmp_path):
+    """value_model: policy (a full copy, or a second LoRA adapter): the critic's weights, its AdamW state and its
+    schedule are checkpointed; the resumed run ends with the policy and critic of the uninterrupted one, bit for bit."""
+    from peft import LoraConfig
+
+    from hfpg import AutoModelForCausalLMWithValueHead
+
+    def trainer_for(out):
+        cfg = small_run(out, max_steps=4, save_steps=2, value_model="policy", value_model_learning_rate=3e-3)
+        model = tiny_gpt2(tokenizer)
+        if lora:
+            lora_cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], lora_dropout=0.0, task_type="CAUSAL_LM")
+            model = AutoModelForCausalLMWithValueHead.from_pretrained(model, peft_config=lora_cfg)
+        return PGTrainer(
+            model,
+            tokenizer,
+            PGConfig(**cfg, lr_scheduler_type="linear"),
+            train_dataset=[{"prompt": p} for p in PROMPTS * 2],
+            reward_fn=[length_reward, spaces],
+        )
+
+    straight = trainer_for(tmp_path / "a")
+    straight.train()
+    interrupted = trainer_for(tmp_path / "b")
+    interrupted.callbacks.append(StopAt(2))
+    interrupted.train()
+    ckpt = tmp_path / "b" / "run" / "checkpoint-2"
+    assert (ckpt / "value_model.safetensors").is_file() and (ckpt / "value_model_optimizer.json").is_file()
+    resumed = trainer_for(tmp_path / "b")
+    resumed.train(resume_from_checkpoint=True)
+    assert resumed.global_step == 4
+    unwrap = straight.accelerator.unwrap_model
+    for a, b in (
+        (params(straight.unwrapped_model), params(resumed.unwrapped_model)),
+        (params(unwrap(straight.critic.model)), params(resumed.accelerator.unwrap_model(resumed.critic.model))),
+    ):
+        different = [k for k in a if not torch.equal(a[k], b[k])]
+        assert not different, different[:3]
+    sa, sb = straight.critic.optimizer.state_dict()["state"], resumed.critic.optimizer.state_dict()["state"]
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[i]["exp_avg"], sb[i]["exp_avg"]) for i in sa)
+    assert straight.critic.scheduler.state_dict() == resumed.critic.scheduler.state_dict()
+    for ra, rb in zip(straight.log_history[2:], resumed.log_history):
+        for key in ("objective/scores", "loss/policy", "loss/value", "value/lr", "lr"):
+            assert ra[key] == rb[key], key
+
+
 # ---- a crash while saving ----------------------------------------------------------------------------------------
 def test_a_save_that_crashed_is_never_resumed_from(tokenizer, tmp_path, monkeypatch):
     trainer = make_trainer(tokenizer, tmp_path, **REPLAY)

@@ -32,6 +32,10 @@ class UpdateRule:
         self.config = config
         self.moving_average = MovingAverageBaseline(config.baseline_ema)
         self.after_optimizer_step: Callable[[], None] | None = None
+        #: the separate critic (``value_model``; a :class:`~hfpg.value_model.Critic`), None = the policy's value head
+        self.critic = None
+        #: value_model_warmup_steps: True while only the critic trains (the policy takes no step at all)
+        self.policy_frozen = False
 
     # ---- abilities ------------------------------------------------------------------------------------------------
     @property
@@ -44,6 +48,11 @@ class UpdateRule:
         """Optimizer steps one update takes: passes × minibatches (fresh and replayed sequences together)."""
         cfg = self.config
         return self.epochs * (cfg.rollout_batch_size + cfg.replay_batch_size) // cfg.mini_batch_size
+
+    @property
+    def critic_steps_per_update(self) -> int:
+        """Optimizer steps of a separate critic in one update (its scheduler's unit)."""
+        return self.optimizer_steps_per_update
 
     @property
     def uses_critic(self) -> bool:

@@ -33,6 +33,7 @@ from ..distributed import is_deepspeed
 from ..errors import TrainingError
 from ..forward import rollout_forward
 from ..stats import MetricSums, global_sum
+from ..value_model import critic_values
 from .base import UpdateRule
 
 
@@ -60,15 +61,19 @@ class MinibatchPolicyGradient(UpdateRule):
         entropy with its detached outputs. Returns the outputs for :meth:`update` to take the loss from."""
         cfg = self.config
         model.train()
-        out = rollout_forward(
-            model,
-            rollout,
-            cfg.temperature,
-            with_values=self.uses_critic,
-            with_entropy=True,
-            entropy_grad=cfg.ent_coef > 0,
-            logits_chunk_size=cfg.logits_chunk_size,
-        )
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.policy_frozen):
+            out = rollout_forward(
+                model,
+                rollout,
+                cfg.temperature,
+                with_values=self.uses_critic and self.critic is None,
+                with_entropy=True,
+                entropy_grad=cfg.ent_coef > 0,
+                logits_chunk_size=cfg.logits_chunk_size,
+            )
+        if self.uses_critic and self.critic is not None:  # the values come from the critic, never the policy
+            self.critic.model.train()
+            out["values"] = critic_values(self.critic.model, rollout)
         rollout.logprobs = out["logprobs"].detach()
         rollout.values = out["values"].detach() if "values" in out else torch.zeros_like(rollout.logprobs)
         rollout.entropy = out["entropy"].detach()
@@ -129,6 +134,8 @@ class MinibatchPolicyGradient(UpdateRule):
         if cfg.mask_truncated_completions:  # the share of sequences left out for want of a stop token
             stats.add("policy/truncated_masked_fraction", (~rollout.has_stop).float().sum(), float(B))
         model.train()
+        if self.critic is not None:
+            self.critic.model.train()
         for _epoch in range(self.epochs):
             perm = torch.randperm(B, device=b_mask.device)  # fresh permutation every epoch
             for mb_start in range(0, B, mb_size):
@@ -140,7 +147,11 @@ class MinibatchPolicyGradient(UpdateRule):
                 for k, micro_start in enumerate(range(0, mb_size, micro)):
                     idx = mb_idx[micro_start : micro_start + micro]
                     last = k == cfg.gradient_accumulation_steps - 1
-                    sync = contextlib.nullcontext() if last else accelerator.no_sync(model)
+                    sync = contextlib.ExitStack()
+                    if not last:
+                        sync.enter_context(accelerator.no_sync(model))
+                        if self.critic is not None:
+                            sync.enter_context(accelerator.no_sync(self.critic.model))
                     if deepspeed:  # the engine steps (clip, optimizer, zero_grad) at the boundary Accelerate reports
                         accelerator.gradient_state._set_sync_gradients(last)
                     out = None
@@ -174,6 +185,9 @@ class MinibatchPolicyGradient(UpdateRule):
                 "lr": scheduler.get_last_lr()[0],
             }
         )
+        if self.critic is not None:
+            metrics["value/lr"] = self.critic.scheduler.get_last_lr()[0]
+            metrics["policy/frozen"] = float(self.policy_frozen)
         if accelerator.mixed_precision == "fp16":  # loss scaling (torch's GradScaler or DeepSpeed's)
             metrics["policy/overflow_steps"] = float(n_overflow)
         return metrics
@@ -208,11 +222,20 @@ class MinibatchPolicyGradient(UpdateRule):
             grad_norm = grad_norm.full_tensor()  # FSDP2: a DTensor; a plain tensor to reduce with the flag
         device = loss_bad.device
         norm = torch.as_tensor(0.0 if grad_norm is None else grad_norm).to(device=device, dtype=torch.float64)
-        # (processes with a non-finite loss, P × the global norm): one reduction and one sync per optimizer step
-        n_loss_bad, norm_sum = global_sum(accelerator, torch.stack([loss_bad.double(), norm.reshape(())])).tolist()
-        loss_nonfinite, norm_nonfinite = n_loss_bad > 0, not math.isfinite(norm_sum)
+        critic = self.critic
+        critic_norm = torch.zeros((), dtype=torch.float64, device=device)
+        if critic is not None:  # clipped on its own: gradient clipping is per model
+            critic_norm = torch.as_tensor(accelerator.clip_grad_norm_(critic.model.parameters(), max_norm))
+            critic_norm = critic_norm.to(device=device, dtype=torch.float64)
+        # (processes with a non-finite loss, P × the global norm, P × the critic's): one reduction per optimizer step
+        flags = torch.stack([loss_bad.double(), norm.reshape(()), critic_norm.reshape(())])
+        n_loss_bad, norm_sum, critic_norm_sum = global_sum(accelerator, flags).tolist()
+        loss_nonfinite = n_loss_bad > 0
+        norm_nonfinite = not (math.isfinite(norm_sum) and math.isfinite(critic_norm_sum))
         if grad_norm is not None and not norm_nonfinite:
             stats.add("policy/grad_norm", norm_sum / P / P, 1.0 / P)  # the global norm, the same on every process
+        if critic is not None and not norm_nonfinite:
+            stats.add("value/grad_norm", critic_norm_sum / P / P, 1.0 / P)
         if deepspeed:
             skipped = bool(getattr(optimizer, "step_was_skipped", False))
             if (loss_nonfinite or norm_nonfinite) and not skipped:
@@ -227,15 +250,24 @@ class MinibatchPolicyGradient(UpdateRule):
             outcome = "stepped"
         elif loss_nonfinite or norm_nonfinite:
             optimizer.zero_grad(set_to_none=True)
+            if critic is not None:
+                critic.optimizer.zero_grad(set_to_none=True)
             if accelerator.scaler is not None:  # fp16: consume the inf check of unscale_ (done by clip_grad_norm_)
                 accelerator.scaler.update()  # and lower the scale on an overflow, as scaler.step + update would
             return "overflow" if accelerator.scaler is not None and not loss_nonfinite else "nonfinite"
         else:
-            optimizer.step()
+            if not self.policy_frozen:  # value_model_warmup_steps: the policy's weights stay bit-identical
+                optimizer.step()
+            if critic is not None:
+                critic.optimizer.step()
             outcome = "stepped"
-        scheduler.step()
-        if self.after_optimizer_step is not None:  # e.g. AdaLoRA's rank allocation (reads gradients)
-            self.after_optimizer_step()
+        if not self.policy_frozen:
+            scheduler.step()
+            if self.after_optimizer_step is not None:  # e.g. AdaLoRA's rank allocation (reads gradients)
+                self.after_optimizer_step()
+        if critic is not None:
+            critic.scheduler.step()
+            critic.optimizer.zero_grad(set_to_none=True)
         optimizer.zero_grad(set_to_none=True)
         return outcome
 
@@ -249,17 +281,22 @@ class MinibatchPolicyGradient(UpdateRule):
         mask = b_mask[idx]
         need_entropy = cfg.ent_coef > 0
         if out is None:
-            out = rollout_forward(
-                model,
-                rollout,
-                cfg.temperature,
-                with_values=self.uses_critic,
-                with_entropy=need_entropy,
-                rows=idx,
-                logits_chunk_size=cfg.logits_chunk_size,
-            )
+            with torch.set_grad_enabled(not self.policy_frozen):  # warm-up: no graph through the policy at all
+                out = rollout_forward(
+                    model,
+                    rollout,
+                    cfg.temperature,
+                    with_values=self.uses_critic and self.critic is None,
+                    with_entropy=need_entropy,
+                    rows=idx,
+                    logits_chunk_size=cfg.logits_chunk_size,
+                )
+            if self.uses_critic and self.critic is not None:  # the critic's own forward, with gradients
+                out["values"] = critic_values(self.critic.model, rollout, rows=idx)
         weights = rollout.is_weights[idx] if rollout.is_weights is not None else torch.ones_like(out["logprobs"])
         loss_tok, pstats = self.policy_loss(out["logprobs"], rollout, idx, advantages, weights)
+        if self.policy_frozen:
+            loss_tok = loss_tok.detach()
         if self.uses_critic:
             vf_tok, v_clipped = self.value_loss(out["values"], rollout, idx, returns)
             loss_tok = loss_tok + cfg.vf_coef * vf_tok
@@ -267,10 +304,10 @@ class MinibatchPolicyGradient(UpdateRule):
             if v_clipped is not None:
                 pstats["value/clipfrac"] = v_clipped.float()
         if need_entropy:  # entropy bonus; otherwise policy/entropy is measured once, during the rollout
-            loss_tok = loss_tok - cfg.ent_coef * out["entropy"]
+            loss_tok = loss_tok - cfg.ent_coef * (out["entropy"].detach() if self.policy_frozen else out["entropy"])
         if cfg.kl_penalty == "loss":  # KL to the reference as a loss term, with gradient through log π
             kl_tok = ops.kl_per_token(out["logprobs"], rollout.ref_logprobs[idx], cfg.kl_estimator)
-            loss_tok = loss_tok + kl_coef * kl_tok
+            loss_tok = loss_tok + kl_coef * (kl_tok.detach() if self.policy_frozen else kl_tok)
             pstats["loss/kl"] = kl_tok.detach()
         if b_weight is not None:
             loss_tok = loss_tok * b_weight[idx]

@@ -18,6 +18,7 @@ surrogate values are summed over processes, so every process takes the same step
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 
@@ -27,6 +28,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from .. import ops
 from ..forward import response_outputs
 from ..stats import global_sum
+from ..value_model import critic_values
 from .base import UpdateRule
 
 
@@ -50,6 +52,11 @@ class TRPO(UpdateRule):
         super().__init__(config)
         self.value_optimizer: torch.optim.Optimizer | None = None
         self._pending_value_state: dict | None = None  # from a checkpoint, applied when the optimizer is built
+
+    @property
+    def critic_steps_per_update(self) -> int:
+        """A separate critic takes ``value_epochs`` steps per update (full batch each)."""
+        return self.config.value_epochs
 
     def state_dict(self) -> dict:
         state = super().state_dict()
@@ -105,7 +112,17 @@ class TRPO(UpdateRule):
         policy = accelerator.unwrap_model(model)  # plain forwards: every reduction below is explicit
         policy.train()
         lm = policy.pretrained_model
-        params = [p for n, p in policy.named_parameters() if p.requires_grad and not n.startswith("v_head.")]
+        shared = self.critic.shared_parameter_ids if self.critic is not None else frozenset()
+        params = [
+            p
+            for n, p in policy.named_parameters()
+            if p.requires_grad and not n.startswith("v_head.") and id(p) not in shared  # a LoRA critic's adapter
+        ]
+        if self.policy_frozen:  # value_model_warmup_steps: only the critic is fitted
+            metrics = {"trpo/accepted": 0.0, "policy/nonfinite_steps": 0.0, "policy/frozen": 1.0}
+            metrics.update(self._fit_critic(rollout, returns, accelerator))
+            metrics["policy/nonfinite_steps"] += metrics.pop("value/nonfinite_steps")
+            return metrics
         device = rollout.response_mask.device
         micro = self._micro_batches(rollout, accelerator)
         n_tok = global_sum(accelerator, rollout.loss_mask.sum().double()).clamp(min=1.0)
@@ -174,7 +191,10 @@ class TRPO(UpdateRule):
                 "policy/nonfinite_steps": float(nonfinite),
             }
         )
-        if self.uses_critic:
+        if self.uses_critic and self.critic is not None:
+            metrics.update(self._fit_critic(rollout, returns, accelerator))
+            metrics["policy/nonfinite_steps"] += metrics.pop("value/nonfinite_steps")
+        elif self.uses_critic:
             metrics.update(self._fit_value_head(policy, rollout, returns, accelerator))
             metrics["policy/nonfinite_steps"] += metrics.pop("value/nonfinite_steps")
         return metrics
@@ -229,6 +249,45 @@ class TRPO(UpdateRule):
             sur += self._surrogate(new_dist, rollout, idx, advantages, kl_coef).double()
         kl, sur = reduce(kl) / n_tok, reduce(sur) / n_tok
         return float(kl), float(sur - surrogate_old)
+
+    def _fit_critic(self, rollout, returns, accelerator) -> dict[str, float]:
+        """Fit the separate critic (``value_model``) on the returns: ``value_epochs`` full-batch steps of its own
+        optimizer and scheduler, micro-batch by micro-batch (gradients synced on the last), clipped to
+        ``max_grad_norm``. A step whose global loss or gradient norm is NaN/inf is skipped
+        (``value/nonfinite_steps``)."""
+        cfg, critic = self.config, self.critic
+        critic.model.train()
+        mask = rollout.loss_mask
+        n_tok = global_sum(accelerator, mask.sum().float()).clamp(min=1.0)
+        micro = self._micro_batches(rollout, accelerator)
+        max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf
+        first = last = None
+        skipped = 0
+        for _ in range(cfg.value_epochs):
+            total = torch.zeros((), dtype=torch.float64, device=mask.device)
+            for k, idx in enumerate(micro):
+                sync = contextlib.nullcontext() if k == len(micro) - 1 else accelerator.no_sync(critic.model)
+                with sync:
+                    values = critic_values(critic.model, rollout, rows=idx)
+                    loss = ops.masked_sum(0.5 * (values - returns[idx]) ** 2, mask[idx]) / n_tok
+                    # DDP averages over P processes; the loss is already divided by the global token count
+                    accelerator.backward(loss * accelerator.num_processes)
+                total += loss.detach().double()
+            norm = torch.as_tensor(accelerator.clip_grad_norm_(critic.model.parameters(), max_norm)).double()
+            last, norm = global_sum(accelerator, torch.stack([total, norm.to(total.device)])).tolist()
+            first = last if first is None else first
+            if math.isfinite(last) and math.isfinite(norm):  # the same reduced numbers on every process
+                critic.optimizer.step()
+                critic.scheduler.step()
+            else:
+                skipped += 1
+            critic.optimizer.zero_grad(set_to_none=True)
+        return {
+            "loss/value": first,
+            "value/loss_after_fit": last,
+            "value/nonfinite_steps": float(skipped),
+            "value/lr": critic.scheduler.get_last_lr()[0],
+        }
 
     def _fit_value_head(self, policy, rollout, returns, accelerator) -> dict[str, float]:
         """Fit only the value head on the returns, with its own Adam (the trunk's hidden states are fixed). An epoch
