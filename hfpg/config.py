@@ -136,6 +136,13 @@ class PGConfig:
     mask_truncated_completions: bool = _f(
         False, "Leave completions that hit max_new_tokens without a stop token out of the loss (DAPO's overlong mask)."
     )
+    dynamic_sampling: bool = _f(
+        False,
+        "Drop prompt groups whose k samples all scored the same and sample new prompts to refill the batch (DAPO).",
+    )
+    dynamic_sampling_max_rounds: int = _f(
+        3, "Extra generation rounds dynamic_sampling may take per step; then equal-score groups fill what is missing."
+    )
     importance_sampling_level: str = _f(
         "token",
         "PPO ratio per token | per sequence: exp(mean log-ratio of its tokens) for every token (GSPO).",
@@ -425,6 +432,7 @@ class PGConfig:
             "replay_buffer_size",
             "replay_batch_size",
             "line_search_accept_ratio",
+            "dynamic_sampling_max_rounds",
         ):
             positive(name, allow_zero=True)
         if not 0.0 <= self.baseline_ema < 1.0:
@@ -432,6 +440,11 @@ class PGConfig:
         p.extend(self.algorithm_problems())
         p.extend(self.loss_problems())
         p.extend(self.value_model_problems())
+        if self.dynamic_sampling and self.num_samples_per_prompt < 2:
+            p.append(
+                "dynamic_sampling=true drops the prompt groups whose samples all scored the same, which needs groups: "
+                f"set num_samples_per_prompt >= 2 (now {self.num_samples_per_prompt}), or dynamic_sampling: false"
+            )
         if self.clip_range_high is not None and not self.clip_range_high > 0:
             p.append(f"clip_range_high={self.clip_range_high!r} must be > 0 or null (null = clip_range)")
         if self.adaptive_kl and self.kl_coef == 0:

@@ -325,6 +325,23 @@ def group_normalized(
     return (returns - mean.view(shape)) / (std.view(shape) + eps)
 
 
+def groups_with_spread(
+    scores: torch.Tensor, group_size: int, valid: torch.Tensor | None = None, tol: float = 1e-6
+) -> torch.Tensor:
+    """DAPO's dynamic-sampling filter: (n_groups,) bool, True where the scores of a prompt group's samples differ.
+
+    scores: (B,) with B = n_groups · k, groups contiguous. ``valid`` (B,) bool: only those samples count (unscorable
+    ones do not); a group with fewer than two valid samples has no spread. Scores within ``tol · (1 + |score|)`` of
+    each other are equal.
+    """
+    g = scores.view(-1, group_size).float()
+    w = torch.ones_like(g, dtype=torch.bool) if valid is None else valid.view(-1, group_size).to(g.device)
+    high = torch.where(w, g, -torch.inf).amax(1)
+    low = torch.where(w, g, torch.inf).amin(1)
+    scale = 1.0 + torch.maximum(high.abs(), low.abs())
+    return (w.sum(1) >= 2) & (high - low > tol * scale)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # conjugate gradient (TRPO's natural-gradient direction)
 # --------------------------------------------------------------------------------------------------------------

@@ -45,6 +45,7 @@ from .rollout import (
     build_generation_config,
     columns_for,
     completion_ids,
+    concat_rollouts,
     decode_completions,
     generate_responses,
     tokenize_prompts,
@@ -56,6 +57,9 @@ from .value_model import Critic, build_value_model, critic_values
 from .vllm_backend import ColocatedVLLM, request_seeds, sampler_correction
 
 logger = logging.getLogger(__name__)
+
+# vLLM seed phases of dynamic sampling's extra rounds (the training rollout uses 0, evaluation chunks 1, 2, ...)
+DYNAMIC_SAMPLING_SEED_PHASE = 1 << 20
 
 
 class PGTrainer(SavingMixin):
@@ -443,12 +447,12 @@ class PGTrainer(SavingMixin):
         update, KL controller."""
         cfg = self.config
         t_step = self._clock()
-        rows = self.sampler.next_rows()
-        if is_stream(self.train_dataset):  # streamed rows were not all checked up front
-            self._check_prompts(Rows(rows), f"train_dataset (streamed rows of step {self.global_step + 1})")
-        rows = [row for row in rows for _ in range(cfg.num_samples_per_prompt)]  # groups are contiguous
         fused = self.algorithm.fuses_policy_forward
-        rollout, timings = self.make_rollout(rows, policy_forward=not fused)
+        if cfg.dynamic_sampling:
+            rollout, timings, sampling_metrics = self._dynamic_sampling_rollout(policy_forward=not fused)
+        else:
+            rollout, timings = self.make_rollout(self._next_rows(), policy_forward=not fused)
+            sampling_metrics = {}
         first_forward = None
         if fused:  # the update's own forward gives the "old" logprobs: the policy has not moved yet
             t0 = self._clock()
@@ -482,6 +486,7 @@ class PGTrainer(SavingMixin):
         if self.replay is not None:
             self.replay.add(rollout, scores, self.global_step)
         metrics.update(replay_metrics)
+        metrics.update(sampling_metrics)
         metrics.update(component_metrics(self.accelerator, self.reward_fn, rollout.components))
         metrics.update(logged_metrics(self.accelerator, rollout.reward_metrics))
         metrics.update(update_metrics)
@@ -496,6 +501,78 @@ class PGTrainer(SavingMixin):
         metrics["tokens_per_second"] = (tokens[0] + tokens[1]) / step_time
         metrics["time/generated_tokens_per_second"] = tokens[1] / max(timings["time/generate"], 1e-9)
         return metrics
+
+    def _next_rows(self) -> list[dict]:
+        """This process's prompts of the next batch, each repeated k times (groups are contiguous)."""
+        rows = self.sampler.next_rows()
+        if is_stream(self.train_dataset):  # streamed rows were not all checked up front
+            self._check_prompts(Rows(rows), f"train_dataset (streamed rows of step {self.global_step + 1})")
+        return [row for row in rows for _ in range(self.config.num_samples_per_prompt)]
+
+    def _dynamic_sampling_rollout(self, policy_forward: bool) -> tuple[Rollout, dict[str, float], dict[str, float]]:
+        """DAPO's dynamic sampling: a prompt group whose k samples all got the same score has advantage 0 under a
+        group baseline and teaches nothing. Such groups are dropped and further batches of prompts sampled (each
+        round one batch, drawn from the same prompt sampler, so a resumed run draws the same prompts) until every
+        process holds a full batch of groups that differ, or ``dynamic_sampling_max_rounds`` extra rounds are spent;
+        then the dropped groups fill what is missing (``dynamic_sampling/filled_groups``). Every process takes the
+        same number of rounds (generation and rewards may be collective). The batch keeps its size and order: kept
+        groups in the order they were sampled, then the fillers."""
+        cfg, acc = self.config, self.accelerator
+        k = cfg.num_samples_per_prompt
+        want = cfg.rollout_batch_size // acc.num_processes // k  # groups this process needs
+        kept: list[Rollout] = []
+        dropped: list[Rollout] = []
+        n_kept = n_dropped = n_generated = 0
+        timings: dict[str, float] = {}
+        reward_logs: list[dict[str, list[float]]] = []
+        rounds = 0
+        while True:
+            # round 0 samples as a step without dynamic sampling does; the extra rounds get their own vLLM seeds
+            phase = 0 if rounds == 0 else DYNAMIC_SAMPLING_SEED_PHASE + rounds
+            rollout, round_timings = self.make_rollout(self._next_rows(), policy_forward, seed_phase=phase)
+            reward_logs.append(rollout.reward_metrics)  # logged values, not per row: kept apart from select()
+            rollout.reward_metrics = {}
+            for name, value in round_timings.items():
+                timings[name] = timings.get(name, 0.0) + value
+            rounds += 1
+            varied = ops.groups_with_spread(rollout.scores, k, rollout.scorable)
+            rows = torch.arange(rollout.batch_size).view(-1, k)
+            varied = varied.cpu()  # every group that differs is kept (the batch is cut to size below)
+            keep_rows = rows[varied].flatten().tolist()
+            drop_rows = rows[~varied].flatten().tolist()
+            if keep_rows:
+                kept.append(rollout.select(keep_rows))
+            if drop_rows:
+                dropped.append(rollout.select(drop_rows))
+            n_kept += len(keep_rows) // k
+            n_dropped += len(drop_rows) // k
+            n_generated += rollout.batch_size
+            short = torch.tensor(float(n_kept < want), device=acc.device)
+            if global_sum(acc, short).item() == 0 or rounds > cfg.dynamic_sampling_max_rounds:
+                break
+        filled = max(want - n_kept, 0)
+        parts = kept + dropped  # fillers after every kept group, in the order they were sampled
+        batch = concat_rollouts(parts, self.tokenizer.pad_token_id).select(range(want * k))
+        batch.components = {
+            name: torch.cat([part.components[name] for part in parts])[: want * k] for name in parts[0].components
+        }
+        batch.extras = {
+            name: [v for part in parts for v in part.extras.get(name, [])][: want * k] for name in parts[0].extras
+        }
+        # values the rewards logged (log_metric): of every sample scored this step, not per row
+        batch.reward_metrics = {}
+        for logged in reward_logs:
+            for name, values in logged.items():
+                batch.reward_metrics.setdefault(name, []).extend(values)
+        counts = global_sum(acc, torch.tensor([n_dropped, n_dropped + n_kept, filled, n_generated], device=acc.device))
+        dropped_groups, all_groups, filled_groups, generated = counts.double().tolist()
+        metrics = {
+            "dynamic_sampling/rounds": float(rounds),
+            "dynamic_sampling/dropped_fraction": dropped_groups / max(all_groups, 1.0),
+            "dynamic_sampling/filled_groups": filled_groups,
+            "dynamic_sampling/generated_samples": generated,
+        }
+        return batch, timings, metrics
 
     def _add_replay(self, rollout: Rollout, scores: torch.Tensor) -> tuple[Rollout, torch.Tensor, dict]:
         """Fresh rollout (+ replayed sequences with recomputed current logprobs/values and truncated IS weights)."""

@@ -120,6 +120,19 @@ def test_a_short_two_process_run_learns(tmp_path):
     assert len(list(ckpt.glob("model*.safetensors"))) == 1  # the model is written once
 
 
+def test_two_processes_drop_and_refill_their_own_groups_in_step(tmp_path):
+    r0, r1 = _torchrun("dynamic", tmp_path)  # a disagreement on the number of rounds would hang the collectives
+    assert len(r0["history"]) == len(r1["history"]) == 4
+    for m0, m1 in zip(r0["history"], r1["history"]):
+        assert m0["dynamic_sampling/rounds"] == m1["dynamic_sampling/rounds"] >= 1
+        assert m0["dynamic_sampling/generated_samples"] == 8 * m0["dynamic_sampling/rounds"]  # both processes
+        assert m0["dynamic_sampling/dropped_fraction"] == m1["dynamic_sampling/dropped_fraction"] > 0
+    for r in (r0, r1):  # each process trained on 2 groups of 2, none of them flat (4 rounds are plenty here)
+        assert len(r["last_prompts"]) == 4 and not set(r["last_prompts"]) & set(r["flat"])
+        assert r["last_prompts"][0::2] == r["last_prompts"][1::2]
+    assert r0["weights_sum"] == r1["weights_sum"]  # one update on both processes
+
+
 def test_two_process_resume_continues_exactly(tmp_path):
     for r in _torchrun("resume", tmp_path):
         assert r["same_weights"]

@@ -4,9 +4,9 @@ one-process reference, imported in the test process itself.
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/scripts/multi_process_checks.py MODE OUT_DIR
 
 MODE: ``equivalence`` (one update on a fixed global batch, for each variant), ``learn`` (a short run on the toy
-reward), ``resume`` (an interrupted + resumed run against an uninterrupted one) or ``push``
-(push_to_hub). Each rank writes
-OUT_DIR/<mode>.rank<r>.json (and .pt tensors for the weights).
+reward), ``dynamic`` (dynamic sampling, each process refilling its own shard), ``resume`` (an interrupted + resumed
+run against an uninterrupted one) or ``push`` (push_to_hub). Each rank writes OUT_DIR/<mode>.rank<r>.json (and .pt
+tensors for the weights).
 """
 
 from __future__ import annotations
@@ -188,6 +188,42 @@ def learn(out_dir: str) -> dict:
     }
 
 
+def dynamic(out_dir: str) -> dict:
+    """Dynamic sampling on 2 processes: half the prompts give groups of equal scores. Each process drops and refills
+    its own groups, and both take the same number of rounds (a process that is already full samples along)."""
+    tok = make_tokenizer()
+    flat = set(PROMPTS[::2])
+
+    def reward(prompts, completions, **columns):
+        return [1.0 if p in flat else i / 10 + len(c) / 100 for i, (p, c) in enumerate(zip(prompts, completions))]
+
+    cfg = PGConfig(
+        output_dir=os.path.join(out_dir, "dynamic"),
+        max_steps=4,
+        rollout_batch_size=8,
+        mini_batch_size=8,
+        algorithm="reinforce",
+        advantage_estimator="returns",
+        baseline="group_norm",
+        num_samples_per_prompt=2,
+        dynamic_sampling=True,
+        learning_rate=1e-2,
+        max_new_tokens=6,
+        report_to=[],
+        disable_tqdm=True,
+        save_steps=100,
+    )
+    rows = [{"prompt": p} for p in PROMPTS]
+    trainer = PGTrainer(tiny_gpt2(tok), tok, cfg, train_dataset=rows, reward_fn=reward)
+    trainer.train()
+    return {
+        "history": trainer.log_history,
+        "last_prompts": list(trainer.last_rollout.prompts),
+        "flat": sorted(flat),
+        "weights_sum": float(flat_params(trainer.unwrapped_model).double().sum()),
+    }
+
+
 def resume(out_dir: str) -> dict:
     """4 steps straight vs 2 steps, "crash", resume from checkpoint-2 for 2 more — on the same processes."""
     tok = make_tokenizer()
@@ -279,7 +315,7 @@ def main() -> None:
     if mode == "equivalence":
         result = {v: equivalence(out_dir, v) for v in VARIANTS}
     else:
-        result = {"learn": learn, "resume": resume, "push": push}[mode](out_dir)
+        result = {"learn": learn, "resume": resume, "push": push, "dynamic": dynamic}[mode](out_dir)
     rank = int(os.environ.get("RANK", "0"))
     with open(os.path.join(out_dir, f"{mode}.rank{rank}.json"), "w") as f:
         json.dump(result, f)
