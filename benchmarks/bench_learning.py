@@ -123,7 +123,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         nargs="+",
         default=None,
         metavar="JSON",
-        help="run nothing: summarise and plot the runs of earlier result JSONs (same settings) together",
+        help="run nothing: summarise and plot together the runs of earlier result JSONs or --out-dir folders (same "
+        "settings)",
     )
     args = p.parse_args(argv)
     if args.smoke:
@@ -369,42 +370,63 @@ def summarize(runs: list[dict]) -> dict:
 
 
 def check_target(methods: dict) -> dict:
-    """hfpg's best rule (highest final mean held-out reward) against TRL's best: reward >= and KL <=."""
+    """Against TRL's best method (the highest final mean held-out reward): met when some hfpg rule ends with a reward
+    at least as high at a KL no larger. The reward-best hfpg rule is reported beside it (it may buy reward with KL)."""
 
-    def best(side: str):
-        cands = [(m, e) for m, e in methods.items() if m.startswith(side) and "reward" in e]
-        return max(cands, key=lambda me: me[1]["reward"]["mean"]) if cands else None
+    def finished(side: str):
+        return [(m, e) for m, e in methods.items() if m.startswith(side) and "reward" in e]
 
-    h, t = best("hfpg-"), best("trl-")
-    if not h or not t:
+    hfpg, trl = finished("hfpg-"), finished("trl-")
+    if not hfpg or not trl:
         return {"met": None, "detail": "not evaluated: needs at least one finished hfpg and one finished TRL method"}
-    hr, hk, tr, tk = h[1]["reward"]["mean"], h[1]["kl"]["mean"], t[1]["reward"]["mean"], t[1]["kl"]["mean"]
-    met = hr >= tr and hk <= tk
-    equal = sorted(set(h[1]["samples"])) == sorted(set(t[1]["samples"]))
+    t = max(trl, key=lambda me: me[1]["reward"]["mean"])
+    tr, tk = t[1]["reward"]["mean"], t[1]["kl"]["mean"]
+    top = max(hfpg, key=lambda me: me[1]["reward"]["mean"])
+    dominating = [(m, e) for m, e in hfpg if e["reward"]["mean"] >= tr and e["kl"]["mean"] <= tk]
+    h = max(dominating, key=lambda me: me[1]["reward"]["mean"]) if dominating else top
+    hr, hk = h[1]["reward"]["mean"], h[1]["kl"]["mean"]
+    met = bool(dominating)
     detail = (
-        f"{'met' if met else 'MISSED'}: hfpg's best {h[0]} reward {hr:+.3f} at KL {hk:.2f} vs TRL's best {t[0]} "
-        f"reward {tr:+.3f} at KL {tk:.2f} (reward {hr - tr:+.3f}, KL {hk - tk:+.2f})"
+        f"{'met' if met else 'MISSED'}: hfpg {h[0]} reward {hr:+.3f} at KL {hk:.2f} vs TRL's best {t[0]} reward "
+        f"{tr:+.3f} at KL {tk:.2f} (reward {hr - tr:+.3f}, KL {hk - tk:+.2f})"
     )
+    if top[0] != h[0]:
+        detail += f"; hfpg's highest reward: {top[0]} {top[1]['reward']['mean']:+.3f} at KL {top[1]['kl']['mean']:.2f}"
+    # the frontier at TRL's KL: each hfpg rule's best evaluation (mean over seeds) whose KL is no larger
+    within = {m: max((c["reward_mean"] for c in e["curve"] if c["kl_mean"] <= tk), default=None) for m, e in hfpg}
+    best_within = max(((r, m) for m, r in within.items() if r is not None), default=None)
+    if best_within:
+        detail += f"; the best hfpg evaluation at KL <= {tk:.2f}: {best_within[1]} {best_within[0]:+.3f}"
+    equal = sorted(set(h[1]["samples"])) == sorted(set(t[1]["samples"]))
     if not equal:
         detail += f"; samples differ: {h[1]['samples']} vs {t[1]['samples']}"
-    return {"met": met, "hfpg": h[0], "trl": t[0], "detail": detail, "equal_samples": equal}
+    return {
+        "met": met,
+        "hfpg": h[0],
+        "trl": t[0],
+        "detail": detail,
+        "equal_samples": equal,
+        "best_reward_within_trl_kl": within,
+    }
 
 
 def format_table(methods: dict) -> str:
     rows = [
-        "| method | runs | held-out reward at end (mean, min..max) | positivity | KL at end (nats/seq) | length | "
-        "samples | wall per run (s) | step (s, median) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| method | runs | held-out reward at half the budget | held-out reward at end (mean, min..max) | positivity "
+        "| KL at end (nats/seq) | length | samples | wall per run (s) | step (s, median) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for e in methods.values():
         if "reward" not in e:
-            rows.append(f"| {e['label']} | 0 (failed {e['failed']}) | - | - | - | - | - | - | - |")
+            rows.append(f"| {e['label']} | 0 ({e['failed']} failed or unfinished) | - | - | - | - | - | - | - | - |")
             continue
+        half = max(e["samples"]) / 2  # the evaluation nearest to half the budget (mean over seeds)
+        mid = min(e["curve"], key=lambda c: abs(c["samples"] - half))
         r, k = e["reward"], e["kl"]
         pos = e["components"].get("positivity")
-        failed = f" (failed {e['failed']})" if e["failed"] else ""
+        failed = f" (+{e['failed']} failed or unfinished)" if e["failed"] else ""
         rows.append(
-            f"| {e['label']} | {e['runs']}{failed} "
+            f"| {e['label']} | {e['runs']}{failed} | {mid['reward_mean']:+.3f} at {mid['samples']:.0f} "
             f"| {r['mean']:+.3f} ({r['min']:+.3f}..{r['max']:+.3f}) | {'-' if pos is None else f'{pos:+.3f}'} "
             f"| {k['mean']:.2f} ({k['min']:.2f}..{k['max']:.2f}) | {e['length']['mean']:.1f} "
             f"| {'/'.join(str(s) for s in sorted(set(e['samples'])))} | {e['wall_seconds']:.0f} "
@@ -480,7 +502,7 @@ def main(argv=None) -> int:
         if "error" in e:
             tail = [ln for ln in e["error"].strip().splitlines() if ln.strip()][-1:] or ["skipped"]
             print(f"  {m}: no finished run ({tail[0][:200]})")
-    print(f"target (at equal samples, hfpg's best reward >= TRL's best at a KL no larger): {target['detail']}")
+    print(f"target (at equal samples, an hfpg rule's reward >= TRL's best at a KL no larger): {target['detail']}")
     png = plot(methods, args.plot) if args.plot != "none" else None
     total = time.perf_counter() - t0
     result = {
@@ -500,12 +522,33 @@ def main(argv=None) -> int:
     return 0
 
 
-def combine(args) -> int:
-    """Summarise the runs of several result JSONs (e.g. one method added later with the same settings) as one."""
-    results = []
-    for path in args.combine:
+def load_results(path: str) -> dict:
+    """A result JSON of this script, or an ``--out-dir`` folder whose runs finished (``runs/<method>-s<seed>.json``,
+    written by each worker) even if this script did not: its settings come from the folder's ``spec.json``."""
+    if not os.path.isdir(path):
         with open(path) as f:
-            results.append(json.load(f))
+            return json.load(f)
+    with open(os.path.join(path, "spec.json")) as f:
+        settings = json.load(f)["settings"]
+    runs = []
+    runs_dir = os.path.join(path, "runs")
+    for name in sorted(os.listdir(runs_dir)):
+        if not name.endswith(".json") or name.endswith(".run.json"):
+            continue
+        with open(os.path.join(runs_dir, name)) as f:
+            result = json.load(f)
+        run = {"name": result["run"], "method": result["method"], "seed": result["seed"], "returncode": 0}
+        run["wall_seconds"] = result.get("process_seconds")
+        run.update({k: v for k, v in result.items() if k not in run})
+        if not result.get("completed"):
+            run["error"] = f"unfinished: {result.get('samples', 0)} of {settings['budget']} samples"
+        runs.append(run)
+    return {"settings": settings, "runs": runs, "methods_config": {}, "total_seconds": 0.0}
+
+
+def combine(args) -> int:
+    """Summarise the runs of several result JSONs or run folders (same settings) as one."""
+    results = [load_results(path) for path in args.combine]
     settings = results[0]["settings"]
     for path, r in zip(args.combine[1:], results[1:]):
         if r["settings"] != settings:
@@ -514,11 +557,12 @@ def combine(args) -> int:
     methods = summarize(runs)
     target = check_target(methods)
     print(format_table(methods) + "\n")
-    print(f"target (at equal samples, hfpg's best reward >= TRL's best at a KL no larger): {target['detail']}")
+    print(f"target (at equal samples, an hfpg rule's reward >= TRL's best at a KL no larger): {target['detail']}")
     png = plot(methods, args.plot) if args.plot != "none" else None
     configs = {}
     for r in results:
         configs.update(r.get("methods_config", {}))
+    configs.update({m: METHODS[m] for m in {run["method"] for run in runs} if m in METHODS and m not in configs})
     result = {
         "combined_from": args.combine,
         "settings": settings,

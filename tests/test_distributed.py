@@ -120,6 +120,16 @@ def test_a_short_two_process_run_learns(tmp_path):
     assert len(list(ckpt.glob("model*.safetensors"))) == 1  # the model is written once
 
 
+def test_a_separate_critic_stays_in_sync_across_processes(tmp_path):
+    r0, r1 = _torchrun("critic", tmp_path)
+    assert r0["critic_moved"] > 0 and r1["critic_moved"] > 0  # the critic trained on each process's shard
+    # DDP averaged the critic's gradients: the same weights on both processes (different shards, different losses)
+    assert r0["critic_sum"] == r1["critic_sum"] and r0["critic_head"] == r1["critic_head"]
+    assert r0["policy_sum"] == r1["policy_sum"]
+    assert r0["value_losses"] == r1["value_losses"]  # reduced over both processes
+    assert all(v > 0 for v in r0["value_losses"])
+
+
 def test_two_processes_drop_and_refill_their_own_groups_in_step(tmp_path):
     r0, r1 = _torchrun("dynamic", tmp_path)  # a disagreement on the number of rounds would hang the collectives
     assert len(r0["history"]) == len(r1["history"]) == 4

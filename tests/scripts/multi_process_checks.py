@@ -4,9 +4,9 @@ one-process reference, imported in the test process itself.
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/scripts/multi_process_checks.py MODE OUT_DIR
 
 MODE: ``equivalence`` (one update on a fixed global batch, for each variant), ``learn`` (a short run on the toy
-reward), ``dynamic`` (dynamic sampling, each process refilling its own shard), ``resume`` (an interrupted + resumed
-run against an uninterrupted one) or ``push`` (push_to_hub). Each rank writes OUT_DIR/<mode>.rank<r>.json (and .pt
-tensors for the weights).
+reward), ``dynamic`` (dynamic sampling, each process refilling its own shard), ``critic`` (a separate value model under
+DDP), ``resume`` (an interrupted + resumed run against an uninterrupted one) or ``push`` (push_to_hub). Each rank
+writes OUT_DIR/<mode>.rank<r>.json (and .pt tensors for the weights).
 """
 
 from __future__ import annotations
@@ -188,6 +188,39 @@ def learn(out_dir: str) -> dict:
     }
 
 
+def critic(out_dir: str) -> dict:
+    """PPO with a separate critic (``value_model: policy`` on a full model: a copy, wrapped in DDP like the policy):
+    each process trains on its own shard, and DDP keeps the critic's weights the same on both."""
+    tok = make_tokenizer()
+    cfg = PGConfig(
+        output_dir=os.path.join(out_dir, "critic"),
+        max_steps=3,
+        rollout_batch_size=8,
+        mini_batch_size=4,
+        ppo_epochs=2,
+        value_model="policy",
+        value_model_learning_rate=1e-2,
+        learning_rate=1e-3,
+        max_new_tokens=6,
+        report_to=[],
+        disable_tqdm=True,
+        save_steps=100,
+    )
+    rows = [{"prompt": p} for p in PROMPTS]
+    trainer = PGTrainer(tiny_gpt2(tok), tok, cfg, train_dataset=rows, reward_fn=length_reward)
+    critic_model = trainer.accelerator.unwrap_model(trainer.critic.model)
+    before = flat_params(critic_model).clone()
+    trainer.train()
+    after = flat_params(critic_model)
+    return {
+        "critic_moved": float((after - before).abs().max()),
+        "critic_sum": float(after.double().sum()),
+        "critic_head": [float(x) for x in after[-8:]],
+        "policy_sum": float(flat_params(trainer.unwrapped_model).double().sum()),
+        "value_losses": [r["loss/value"] for r in trainer.log_history],
+    }
+
+
 def dynamic(out_dir: str) -> dict:
     """Dynamic sampling on 2 processes: half the prompts give groups of equal scores. Each process drops and refills
     its own groups, and both take the same number of rounds (a process that is already full samples along)."""
@@ -315,7 +348,7 @@ def main() -> None:
     if mode == "equivalence":
         result = {v: equivalence(out_dir, v) for v in VARIANTS}
     else:
-        result = {"learn": learn, "resume": resume, "push": push, "dynamic": dynamic}[mode](out_dir)
+        result = {"learn": learn, "resume": resume, "push": push, "dynamic": dynamic, "critic": critic}[mode](out_dir)
     rank = int(os.environ.get("RANK", "0"))
     with open(os.path.join(out_dir, f"{mode}.rank{rank}.json"), "w") as f:
         json.dump(result, f)
