@@ -60,6 +60,14 @@ def target_share(tokenizer, token: str = "Ġgood"):
     return target_share
 
 
+def assert_toy_reward_rose(trainer) -> None:
+    """The learning tests' check: the mean score of the first 3 steps is near a random policy's (the target token is
+    about 1/320 of the samples), the mean of the last 3 above 0.5."""
+    scores = [r["objective/scores"] for r in trainer.log_history]
+    start, end = sum(scores[:3]) / 3, sum(scores[-3:]) / 3
+    assert start < 0.05 and end > 0.5, scores
+
+
 def length_reward(prompts, completions, **columns):
     """A dense reward (every sample differs), so even a zero-initialised adapter gets a gradient."""
     return [len(c) / 10 for c in completions]
@@ -102,10 +110,7 @@ def test_ppo_raises_a_toy_reward_far_above_its_start(tokenizer, tmp_path):
         reward=target_share(tokenizer),
     )
     trainer.train()
-    scores = [r["objective/scores"] for r in trainer.log_history]
-    start, end = sum(scores[:3]) / 3, sum(scores[-3:]) / 3
-    assert start < 0.05  # about 1/320 for a random policy
-    assert end > 0.5, scores
+    assert_toy_reward_rose(trainer)
     assert all(math.isfinite(r["objective/kl"]) for r in trainer.log_history)
     assert trainer.log_history[-1]["objective/kl"] > 0  # the policy did move away from the reference
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import tiny_gpt2, tiny_llama
 from peft import LoraConfig
-from test_trainer import PROMPTS, make_trainer, target_share
+from test_trainer import PROMPTS, assert_toy_reward_rose, make_trainer, target_share
 
 from hfpg import AutoModelForCausalLMWithValueHead, TrainerCallback
 from hfpg.errors import ConfigError
@@ -151,9 +151,7 @@ def test_training_on_vllm_samples_raises_the_toy_reward(overrides, tokenizer, tm
         **overrides,
     )
     trainer.train()
-    scores = [r["objective/scores"] for r in trainer.log_history]
-    start, end = sum(scores[:3]) / 3, sum(scores[-3:]) / 3
-    assert start < 0.05 and end > 0.5, scores
+    assert_toy_reward_rose(trainer)
     assert all(math.isfinite(r["objective/kl"]) for r in trainer.log_history)
     assert all(r["vllm/logprob_abs_diff"] < 1e-3 for r in trainer.log_history)
 
