@@ -10,7 +10,8 @@ Writes a JSON of every evaluation, a PNG (reward and KL against samples; mean ov
 markdown table and the target: at equal samples, hfpg's best rule reaches a held-out reward >= TRL's best at a KL
 no larger.
 
-    make bench-learning                                          # the defaults: about 90 min on 2 cores
+    make bench-learning                          # the defaults: 256 samples per run, 3 evaluations, ~90 min on 2 cores
+    make bench-learning BENCH_LEARNING_ARGS="--steps 24 --eval-every 4"   # the README's figures, ~150 min
     .venv/bin/python benchmarks/bench_learning.py --smoke --methods hfpg-rloo,trl-rloo
 """
 
@@ -80,6 +81,30 @@ METHODS: dict[str, dict] = {
             "kl_penalty": "loss",
         },
     },
+    # not in the default run (--methods names them): the critic PPO with a stronger KL penalty (its reward against
+    # KL frontier), and GRPO-style with TRL's advantage scaling (tests the whitening default of group_norm)
+    "hfpg-ppo-critic-kl0.3": {
+        "side": "hfpg",
+        "label": "hfpg PPO (LoRA critic), kl_coef 0.3",
+        "minibatches": 2,
+        "optional": True,
+        "config": {"value_model": "policy", "kl_coef": 0.3},
+    },
+    "hfpg-grpo-unwhitened": {
+        "side": "hfpg",
+        "label": "hfpg GRPO-style, unwhitened",
+        "optional": True,
+        "config": {
+            "algorithm": "ppo",
+            "advantage_estimator": "returns",
+            "baseline": "group_norm",
+            "whiten_advantages": False,
+            "loss_type": "grpo",
+            "ppo_epochs": 1,
+            "num_samples_per_prompt": 4,
+            "kl_penalty": "loss",
+        },
+    },
     "trl-rloo": {"side": "trl", "trainer": "rloo", "label": "TRL RLOOTrainer", "config": {}},  # TRL's defaults
     "trl-grpo": {"side": "trl", "trainer": "grpo", "label": "TRL GRPOTrainer", "config": {}},  # loss_type "dapo"
 }
@@ -89,23 +114,39 @@ KL_NOTE = (
     "(sum of k1 over the completion) in the sequence reward (its only form); TRL GRPO: beta * k3 per token in the loss"
 )
 # seconds per training step at 1 thread, 16 completions x 24 new tokens, two runs sharing 2 cores (for the ETA;
-# rough guesses from the demo's 20-37 s PPO step, not measured at these settings: correct them from a full run's
-# JSON, runs[*].step_seconds)
-STEP_SECONDS = {"hfpg-ppo": 30.0, "hfpg-ppo-critic": 36.0, "hfpg-dapo": 18.0, "trl-rloo": 16.0}
-DEFAULT_STEP_SECONDS = 15.0
-EVAL_SECONDS_PER_PROMPT = 1.0  # one evaluation: generate + 2 forwards + rewards, per held-out prompt at 24 tokens
-SETUP_SECONDS = 45.0
+# medians of runs[*].step_seconds in a 2-at-a-time run of the defaults)
+STEP_SECONDS = {
+    "hfpg-ppo": 38.0,
+    "hfpg-ppo-critic": 58.0,
+    "hfpg-ppo-critic-kl0.3": 58.0,
+    "hfpg-rloo": 25.0,
+    "hfpg-grpo": 26.5,
+    "hfpg-grpo-unwhitened": 26.5,
+    "hfpg-dapo": 39.0,
+    "trl-rloo": 38.0,
+    "trl-grpo": 38.0,
+}
+DEFAULT_STEP_SECONDS = 38.0
+EVAL_SECONDS_PER_PROMPT = 1.55  # one evaluation: generate + 2 forwards + rewards, per held-out prompt at 24 tokens
+SETUP_SECONDS = 40.0  # process start, imports, model and reward models loaded
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {list(METHODS)}")
+    default_methods = [m for m, spec in METHODS.items() if not spec.get("optional")]
+    p.add_argument(
+        "--methods",
+        default=",".join(default_methods),
+        help=f"comma-separated subset of {list(METHODS)} (the ones marked optional run only when named)",
+    )
     p.add_argument("--seeds", default="0,1", help="comma-separated seeds; every method runs each")
-    p.add_argument("--steps", type=int, default=24, help="budget in steps: budget = steps x samples-per-step")
+    p.add_argument(
+        "--steps", type=int, default=16, help="budget in steps: budget = steps x samples-per-step (24: ~1.5x the time)"
+    )
     p.add_argument("--samples-per-step", type=int, default=16, help="completions generated per step (a multiple of 4)")
-    p.add_argument("--eval-every", type=int, default=4, help="evaluate every this many steps' worth of samples")
+    p.add_argument("--eval-every", type=int, default=8, help="evaluate every this many steps' worth of samples")
     p.add_argument("--eval-prompts", type=int, default=24, help="held-out prompts evaluated (the demo's 24 at most)")
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--beta", type=float, default=0.1, help="KL coefficient: hfpg kl_coef, TRL beta")
@@ -213,7 +254,7 @@ def run_env(threads: int) -> dict:
 
 def estimate_run_seconds(args, method: str) -> float:
     step = STEP_SECONDS.get(method, DEFAULT_STEP_SECONDS) * args.samples_per_step / 16 * args.max_new_tokens / 24
-    evals = args.steps // args.eval_every + 2
+    evals = -(-args.steps // args.eval_every) + 1  # at 0, every eval_every steps and at the end
     return SETUP_SECONDS + args.steps * step + evals * args.eval_prompts * EVAL_SECONDS_PER_PROMPT
 
 

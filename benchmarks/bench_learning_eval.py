@@ -231,3 +231,56 @@ class HeldOutCallback(TrainerCallback):
 def load_spec(path: str) -> dict:
     with open(path) as f:
         return json.load(f)
+
+
+class WorkerRun:
+    """The set-up both workers share: ``WorkerRun(spec_path, run_path, side, versions)`` reads the spec and the run,
+    builds the reward components (hfpg's reward callables: the peers venv has hfpg installed editable), the tokenizer,
+    the evaluator, the sample counter and the result's metadata; :meth:`callback` is the held-out callback to hand to
+    the trainer. ``versions``: the worker's own library versions (torch, transformers and peft are added); ``t0``: the
+    worker's ``time.perf_counter()`` at start (default: now)."""
+
+    def __init__(self, spec_path: str, run_path: str, side: str, versions: dict, t0: float | None = None):
+        import peft
+        import transformers
+        from transformers import AutoTokenizer
+
+        from hfpg.rewards.registry import build_reward_part
+
+        self.t0 = time.perf_counter() if t0 is None else t0  # the worker's start, before its imports
+        self.spec, self.run = load_spec(spec_path), load_spec(run_path)
+        self.settings = s = self.spec["settings"]
+        self.parts = [  # (label, weight, fn(prompts, completions) -> scores)
+            (r.get("label") or r["name"], float(r.get("weight", 1.0)), build_reward_part(r))
+            for r in self.spec["rewards"]
+        ]
+        self.counter = SampleCounter()
+        self.tokenizer = AutoTokenizer.from_pretrained(self.spec["model_dir"])
+        self.evaluator = HeldOutEvaluator(
+            self.tokenizer, self.spec["eval_prompts"], self.parts, s["max_new_tokens"], s["temperature"]
+        )
+        versions = {
+            **versions,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "peft": peft.__version__,
+        }
+        self.meta = {
+            "run": self.run["name"],
+            "method": self.run["method"],
+            "seed": self.run["seed"],
+            "side": side,
+            "versions": versions,
+            "threads": torch.get_num_threads(),
+        }
+
+    def callback(self, **meta) -> HeldOutCallback:
+        """The held-out callback, its result's metadata extended by ``meta`` (e.g. the run's config)."""
+        s, meta = self.settings, {**self.meta, **meta}
+        return HeldOutCallback(
+            self.evaluator, self.counter, s["budget"], s["eval_every_samples"], self.run["result"], meta
+        )
+
+    def seconds(self) -> float:
+        """Seconds since the worker started setting up."""
+        return time.perf_counter() - self.t0

@@ -61,52 +61,29 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    import peft
-    import transformers
-    from bench_learning_eval import HeldOutCallback, HeldOutEvaluator, SampleCounter, load_spec
-    from transformers import AutoTokenizer
+    from bench_learning_eval import WorkerRun
 
     import hfpg
     from hfpg.recipe import recipe_from_dict
     from hfpg.rewards.combined import CombinedReward
-    from hfpg.rewards.registry import build_reward_part
     from hfpg.runner import RecipeRun
 
-    spec, run = load_spec(spec_path), load_spec(run_path)
-    s = spec["settings"]
-    raw = build_recipe_dict(spec, run)
-    recipe = recipe_from_dict(raw, spec["recipe"])
-    parts = [(r.get("label") or r["name"], float(r.get("weight", 1.0)), build_reward_part(r)) for r in spec["rewards"]]
-    reward = CombinedReward([(fn, w) for _, w, fn in parts])
-    counter = SampleCounter()
+    w = WorkerRun(spec_path, run_path, "hfpg", {"hfpg": getattr(hfpg, "__version__", "?")}, t0=t0)
+    raw = build_recipe_dict(w.spec, w.run)
+    recipe = recipe_from_dict(raw, w.spec["recipe"])
+    reward = CombinedReward([(fn, weight) for _, weight, fn in w.parts])
     score = reward.score
 
     def counted_score(inputs):  # every completion generated for training is scored once
-        counter.add(len(inputs.completions))
+        w.counter.add(len(inputs.completions))
         return score(inputs)
 
     reward.score = counted_score
-    tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
-    evaluator = HeldOutEvaluator(tokenizer, spec["eval_prompts"], parts, s["max_new_tokens"], s["temperature"])
-    meta = {
-        "run": run["name"],
-        "method": run["method"],
-        "seed": run["seed"],
-        "side": "hfpg",
-        "config": raw_config(raw),
-        "versions": {
-            "hfpg": getattr(hfpg, "__version__", "?"),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "peft": peft.__version__,
-        },
-        "threads": torch.get_num_threads(),
-    }
-    callback = HeldOutCallback(evaluator, counter, s["budget"], s["eval_every_samples"], run["result"], meta)
+    callback = w.callback(config=raw_config(raw))
     rr = RecipeRun(recipe, reward_fn=reward, callbacks=[callback])
-    callback.write(setup_seconds=time.perf_counter() - t0)
+    callback.write(setup_seconds=w.seconds())
     rr.trainer.train()
-    callback.write(process_seconds=time.perf_counter() - t0, completed=True)
+    callback.write(process_seconds=w.seconds(), completed=True)
     return 0
 
 

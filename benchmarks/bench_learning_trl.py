@@ -77,28 +77,21 @@ def main(argv=None) -> int:
     import peft
     import transformers
     import trl
-    from bench_learning_eval import HeldOutCallback, HeldOutEvaluator, SampleCounter, load_spec
-    from transformers import AutoTokenizer
+    from bench_learning_eval import WorkerRun
 
-    from hfpg.rewards.registry import build_reward_part
-
-    spec, run = load_spec(spec_path), load_spec(run_path)
-    s = spec["settings"]
-    parts = [(r.get("label") or r["name"], float(r.get("weight", 1.0)), build_reward_part(r)) for r in spec["rewards"]]
-    counter = SampleCounter()
+    w = WorkerRun(spec_path, run_path, "trl", {"trl": trl.__version__}, t0=t0)
+    spec, run = w.spec, w.run
 
     def as_trl_reward(name, fn, count):
         def reward(prompts, completions, **kwargs):
             if count:  # TRL scores every generated completion once per reward function: count on the first
-                counter.add(len(completions))
+                w.counter.add(len(completions))
             return [float(x) for x in fn(list(prompts), list(completions))]
 
         reward.__name__ = name
         return reward
 
-    reward_funcs = [as_trl_reward(name, fn, i == 0) for i, (name, _, fn) in enumerate(parts)]
-    tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
-    evaluator = HeldOutEvaluator(tokenizer, spec["eval_prompts"], parts, s["max_new_tokens"], s["temperature"])
+    reward_funcs = [as_trl_reward(name, fn, i == 0) for i, (name, _, fn) in enumerate(w.parts)]
     tmp = tempfile.TemporaryDirectory(prefix=f"bench-learning-{run['name']}-")
     kwargs = config_kwargs(spec, run, tmp.name)
     if run["trainer"] == "rloo":
@@ -108,35 +101,22 @@ def main(argv=None) -> int:
     config = config_cls(**kwargs)
     config.model_init_kwargs = {"dtype": torch.float32}
     lora = peft.LoraConfig(task_type="CAUSAL_LM", **spec["peft"])
-    meta = {
-        "run": run["name"],
-        "method": run["method"],
-        "seed": run["seed"],
-        "side": "trl",
-        "config": {k: v for k, v in kwargs.items() if k != "output_dir"},
-        "loss_type": getattr(config, "loss_type", None),
-        "versions": {
-            "trl": trl.__version__,
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "peft": peft.__version__,
-        },
-        "threads": torch.get_num_threads(),
-    }
-    callback = HeldOutCallback(evaluator, counter, s["budget"], s["eval_every_samples"], run["result"], meta)
+    callback = w.callback(
+        config={k: v for k, v in kwargs.items() if k != "output_dir"}, loss_type=getattr(config, "loss_type", None)
+    )
     transformers.set_seed(run["seed"])  # the LoRA init, as hfpg seeds it before building the adapter
     trainer = trainer_cls(
         model=spec["model_dir"],
         reward_funcs=reward_funcs,
         args=config,
         train_dataset=datasets.Dataset.from_dict({"prompt": spec["train_prompts"]}),
-        processing_class=tokenizer,
+        processing_class=w.tokenizer,
         callbacks=[callback],
         peft_config=lora,
     )
-    callback.write(setup_seconds=time.perf_counter() - t0)
+    callback.write(setup_seconds=w.seconds())
     trainer.train()
-    callback.write(process_seconds=time.perf_counter() - t0, completed=True)
+    callback.write(process_seconds=w.seconds(), completed=True)
     tmp.cleanup()
     return 0
 
