@@ -109,9 +109,10 @@ METHODS: dict[str, dict] = {
     "trl-grpo": {"side": "trl", "trainer": "grpo", "label": "TRL GRPOTrainer", "config": {}},  # loss_type "dapo"
 }
 KL_NOTE = (
-    "beta = kl_coef = 0.1 on every side. hfpg PPO / RLOO: -beta * k3 per token in the reward (the demo); hfpg "
-    "GRPO / DAPO-style: beta * k3 per token as a loss term (kl_penalty: loss), as TRL GRPO; TRL RLOO: -beta * "
-    "(sum of k1 over the completion) in the sequence reward (its only form); TRL GRPO: beta * k3 per token in the loss"
+    "beta = kl_coef = 0.1 on every side (the optional hfpg-ppo-critic-kl0.3: 0.3). hfpg PPO / RLOO: -beta * k3 per "
+    "token in the reward (the demo); hfpg GRPO / DAPO-style: beta * k3 per token as a loss term (kl_penalty: loss), "
+    "as TRL GRPO; TRL RLOO: -beta * (sum of k1 over the completion) in the sequence reward (its only form); TRL GRPO: "
+    "beta * k3 per token in the loss"
 )
 # seconds per training step at 1 thread, 16 completions x 24 new tokens, two runs sharing 2 cores (for the ETA;
 # medians of runs[*].step_seconds in a 2-at-a-time run of the defaults)
