@@ -91,6 +91,10 @@ def test_default_methods_leave_the_optional_variants_out():
     optional = {m for m, spec in bench_learning.METHODS.items() if spec.get("optional")}
     assert optional == {"hfpg-ppo-critic-kl0.3", "hfpg-grpo-unwhitened"}
     assert not optional & set(args.methods)
+    # a variant is its base with the named overrides and nothing else changed
+    base, unwhitened = bench_learning.METHODS["hfpg-grpo"], bench_learning.METHODS["hfpg-grpo-unwhitened"]
+    assert unwhitened["config"] == {**base["config"], "whiten_advantages": False}
+    assert "whiten_advantages" not in base["config"] and unwhitened["side"] == "hfpg"
     assert set(args.methods) == set(bench_learning.METHODS) - optional
     named = bench_learning.parse_args(["--methods", "hfpg-grpo-unwhitened,trl-grpo"])
     assert named.methods == ["hfpg-grpo-unwhitened", "trl-grpo"]
@@ -107,6 +111,10 @@ def test_the_estimate_counts_evaluations_and_packs_runs_onto_the_slots():
         + 3 * args.eval_prompts * bench_learning.EVAL_SECONDS_PER_PROMPT
     )
     assert bench_learning.estimate_run_seconds(args, "hfpg-rloo") == pytest.approx(expected)
+    # a variant is estimated as the method it varies
+    assert bench_learning.estimate_run_seconds(args, "hfpg-grpo-unwhitened") == pytest.approx(
+        bench_learning.estimate_run_seconds(args, "hfpg-grpo")
+    )
     # first free slot takes the next run: [5, 3] then 2 -> slot 2 (3 + 2), then 4 -> slot 1 (5 + 4)
     assert bench_learning.schedule_seconds([5.0, 3.0, 2.0, 4.0], 2) == 9.0
     assert bench_learning.schedule_seconds([5.0, 3.0, 2.0, 4.0], 1) == 14.0
