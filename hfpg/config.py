@@ -190,6 +190,12 @@ class PGConfig:
         0.05, "Initial β of the per-token penalty -β·KL(policy || reference); 0 = no reference model at all."
     )
     kl_estimator: str = _f("k1", "Per-token KL estimator.", choices=("k1", "k2", "k3"))
+    use_bias_correction_kl: bool = _f(
+        True,
+        "kl_penalty: loss: weight each token's KL term by its importance ratio π/π_old (with gradient), so that it "
+        "differentiates KL(policy ‖ reference); false differentiates the estimate alone, whose gradient (for k3) is "
+        "that of KL(reference ‖ policy). TRL GRPO's name and default.",
+    )
     adaptive_kl: bool = _f(False, "Adapt β towards kl_target (Ziegler et al. 2019).")
     kl_target: float = _f(6.0, "Target sequence-level KL (nats) for the adaptive controller.")
     kl_horizon: int = _f(10000, "Horizon (in sequences) of the adaptive controller.")
@@ -535,6 +541,11 @@ class PGConfig:
             p.append(
                 f"importance_sampling_level=sequence (GSPO) changes the clipped PPO ratio; algorithm "
                 f"{self.algorithm} has no ratio to clip: set algorithm: ppo, or importance_sampling_level: token"
+            )
+        if not self.use_bias_correction_kl and self.kl_penalty != "loss":
+            p.append(
+                "use_bias_correction_kl=false changes the KL loss term, but kl_penalty is reward (the KL is in the "
+                "rewards): set kl_penalty: loss, or remove use_bias_correction_kl"
             )
         return p
 

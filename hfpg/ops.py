@@ -156,6 +156,27 @@ def kl_per_token(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: 
     raise ValueError(f"unknown KL estimator {estimator!r}; choose one of {KL_ESTIMATORS}")
 
 
+def kl_loss_per_token(
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    estimator: str = "k3",
+    bias_correction: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-token KL term of ``kl_penalty: loss`` and the KL estimate itself: ``(term (B, T), kl (B, T))``.
+
+    The tokens were sampled from π_old, so differentiating the estimate alone does not give the gradient of
+    KL(π ‖ π_ref): for k3, ∇k3 = (1 − π_ref/π)·∇log π, whose expectation is the gradient of KL(π_ref ‖ π) (the
+    forward KL, mass-covering). ``bias_correction`` weights each token's estimate by its importance ratio
+    ``π/π_old`` (with gradient; 1 in value on the first pass): ∇(r·k3) = log(π/π_ref)·∇log π at r = 1, the
+    score-function gradient of KL(π ‖ π_ref) itself. TRL's GRPO calls this ``use_bias_correction_kl``.
+    """
+    kl = kl_per_token(logprobs, ref_logprobs, estimator)
+    if not bias_correction:
+        return kl, kl
+    return kl * torch.exp(logprobs - old_logprobs), kl
+
+
 def token_level_rewards(
     scores: torch.Tensor, kl: torch.Tensor, kl_coef: float, mask: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:

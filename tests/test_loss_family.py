@@ -57,8 +57,9 @@ class LogprobTable(torch.nn.Module):
         self.logprobs = torch.nn.Parameter(logprobs.clone())
 
 
-def _update_gradient(monkeypatch, *, advantages, mask, has_stop, accumulation=1, **cfg):
-    """Run REINFORCE's real update (one SGD step, lr 1) on a LogprobTable; return −Δ = the gradient of the loss."""
+def _update_gradient(monkeypatch, *, advantages, mask, has_stop, accumulation=1, ref=None, **cfg):
+    """Run REINFORCE's real update (one SGD step, lr 1) on a LogprobTable; return −Δ = the gradient of the loss.
+    The policy's logprobs start at 0; ``ref``: the reference's (default 0)."""
     B, T = mask.shape
     start = torch.zeros(B, T)
 
@@ -88,7 +89,7 @@ def _update_gradient(monkeypatch, *, advantages, mask, has_stop, accumulation=1,
         response_mask=mask,
         has_stop=has_stop,
         logprobs=start.clone(),
-        ref_logprobs=torch.zeros(B, T),
+        ref_logprobs=torch.zeros(B, T) if ref is None else ref,
     )
     metrics = rule.update(
         model, optimizer, scheduler, Accelerator(cpu=True), rollout, advantages, advantages, kl_coef=0.5
@@ -149,6 +150,30 @@ def test_kl_as_a_loss_term_goes_through_the_same_weights(monkeypatch):
     torch.testing.assert_close(grad, torch.tensor([[g0, g0, g0], [(-2 + 0.5) / 2, 0, 0]]))
 
 
+@pytest.mark.parametrize("bias_correction", [True, False])
+def test_kl_loss_bias_correction_by_hand(bias_correction, monkeypatch):
+    # k3 as a loss term, β = 0.5, log π = 0, log π_ref = ρ per token, A = 0 (the KL term alone), dapo over 4 tokens.
+    # Corrected, the term is r·k3 with r = π/π_old (1 in value): d/dlog π = log π − log π_ref = −ρ, the gradient of
+    # KL(π ‖ π_ref). Uncorrected, k3 alone: d/dlog π = 1 − π_ref/π = 1 − e^ρ, the gradient of KL(π_ref ‖ π).
+    ref = torch.tensor([[-0.5, 0.3, 1.0], [-2.0, 0.0, 0.0]])
+    grad, metrics = _update_gradient(
+        monkeypatch,
+        advantages=torch.zeros(2, 3),
+        mask=MASK,
+        has_stop=torch.tensor([True, True]),
+        ref=ref,
+        loss_type="dapo",
+        kl_penalty="loss",
+        kl_estimator="k3",
+        use_bias_correction_kl=bias_correction,
+    )
+    per_token = -ref if bias_correction else 1 - ref.exp()
+    torch.testing.assert_close(grad, 0.5 * per_token * MASK / 4)
+    # the logged KL is the k3 estimate itself either way: e^ρ − 1 − ρ over the 4 real tokens
+    k3 = ref.exp() - 1 - ref
+    assert metrics["loss/kl"] == pytest.approx((k3 * MASK).sum().item() / 4, rel=1e-5)
+
+
 # ---- config checks -------------------------------------------------------------------------------------------------
 def test_loss_family_config_errors_name_the_problem_and_the_fix():
     with pytest.raises(ConfigError, match=r"TRPO's surrogate and trust region are token means.*set loss_type: dapo"):
@@ -164,6 +189,14 @@ def test_loss_family_config_errors_name_the_problem_and_the_fix():
     cfg = PGConfig(loss_type="dr_grpo", mask_truncated_completions=True, importance_sampling_level="sequence")
     assert (cfg.loss_type, cfg.importance_sampling_level) == ("dr_grpo", "sequence")
     assert PGConfig().loss_type == "dapo" and not PGConfig().mask_truncated_completions
+    with pytest.raises(
+        ConfigError, match=r"use_bias_correction_kl=false changes the KL loss term.*set kl_penalty: loss"
+    ):
+        PGConfig(use_bias_correction_kl=False)
+    assert (
+        PGConfig().use_bias_correction_kl
+        and not PGConfig(kl_penalty="loss", use_bias_correction_kl=False).use_bias_correction_kl
+    )
 
 
 # ---- learning on the toy task --------------------------------------------------------------------------------------

@@ -306,8 +306,14 @@ class MinibatchPolicyGradient(UpdateRule):
         if need_entropy:  # entropy bonus; otherwise policy/entropy is measured once, during the rollout
             loss_tok = loss_tok - cfg.ent_coef * (out["entropy"].detach() if self.policy_frozen else out["entropy"])
         if cfg.kl_penalty == "loss":  # KL to the reference as a loss term, with gradient through log π
-            kl_tok = ops.kl_per_token(out["logprobs"], rollout.ref_logprobs[idx], cfg.kl_estimator)
-            loss_tok = loss_tok + kl_coef * (kl_tok.detach() if self.policy_frozen else kl_tok)
+            kl_term, kl_tok = ops.kl_loss_per_token(
+                out["logprobs"],
+                rollout.ref_logprobs[idx],
+                rollout.logprobs[idx],
+                cfg.kl_estimator,
+                cfg.use_bias_correction_kl,
+            )
+            loss_tok = loss_tok + kl_coef * (kl_term.detach() if self.policy_frozen else kl_term)
             pstats["loss/kl"] = kl_tok.detach()
         if b_weight is not None:
             loss_tok = loss_tok * b_weight[idx]

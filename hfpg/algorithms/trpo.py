@@ -93,7 +93,10 @@ class TRPO(UpdateRule):
         if cfg.ent_coef > 0:
             objective = objective + cfg.ent_coef * -(log_dist.exp() * log_dist).sum(-1)
         if cfg.kl_penalty == "loss":
-            objective = objective - kl_coef * ops.kl_per_token(logprobs, rollout.ref_logprobs[idx], cfg.kl_estimator)
+            kl_term, _ = ops.kl_loss_per_token(
+                logprobs, rollout.ref_logprobs[idx], rollout.logprobs[idx], cfg.kl_estimator, cfg.use_bias_correction_kl
+            )
+            objective = objective - kl_coef * kl_term
         return ops.masked_sum(objective, mask)
 
     @staticmethod
