@@ -120,8 +120,9 @@ $(PEERS_VENV)/.installed: $(VENV)/.installed
 bench-trl: $(VENV)/.installed $(PEERS_VENV)/.installed
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_trl.py --peers-python $(PEERS_PY) $(BENCH_TRL_ARGS)
 
-# TRL's own reward functions through hfpg, and the GRPO update against GRPOTrainer's on one batch: hfpg (with its test extras) and math-verify, which TRL's accuracy rewards
-# need, go into the peers environment; HFPG_REQUIRE_TRL=1 makes a missing TRL a failure, not a skip.
+# TRL's own reward functions through hfpg, and the GRPO update against GRPOTrainer's on one batch: hfpg (with its
+# test extras) and math-verify, which TRL's accuracy rewards need, go into the peers environment; HFPG_REQUIRE_TRL=1
+# makes a missing TRL a failure, not a skip.
 $(PEERS_VENV)/.installed-compat: $(PEERS_VENV)/.installed pyproject.toml
 	$(PEERS_PY) -m pip install --quiet math-verify -e ".[dev]" $(PEERS_PINS)
 	touch $@

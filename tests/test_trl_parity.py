@@ -22,6 +22,7 @@ import torch
 from conftest import tiny_llama
 
 from hfpg import PGConfig, PGTrainer
+from hfpg.forward import rollout_forward
 from hfpg.modeling import reference_context
 from hfpg.rollout import Rollout, decode_completions
 
@@ -140,8 +141,6 @@ def hfpg_gradient(model, tokenizer, tmp_path, batch, algorithm: str, loss_type: 
         prompts=prompts,
     )
     with torch.no_grad(), reference_context(trainer.model, trainer.ref_model) as ref:
-        from hfpg.forward import rollout_forward
-
         rollout.ref_logprobs = rollout_forward(ref, rollout, 1.0, with_values=False)["logprobs"]
     rollout.completions = decode_completions(tokenizer, rollout.response_ids, rollout.response_mask)
     trainer._score(rollout, prompts, conversational=False)
