@@ -97,14 +97,26 @@ def variant(base: str, label: str, **config) -> dict:
     }
 
 
-# not in the default run: the critic PPO with a stronger KL penalty (its reward against KL frontier), and GRPO-style
-# with TRL's advantage scaling (tests the whitening default of group_norm)
+# not in the default run: the critic PPO with a stronger KL penalty in the reward, the critic PPO with the KL as a loss
+# term (kl_penalty: loss, as GRPO) at several kl_coef (its reward against KL frontier), and GRPO-style with TRL's
+# advantage scaling (tests the whitening default of group_norm)
 METHODS["hfpg-ppo-critic-kl0.3"] = variant("hfpg-ppo-critic", "hfpg PPO (LoRA critic), kl_coef 0.3", kl_coef=0.3)
+METHODS["hfpg-ppo-critic-klloss"] = variant(
+    "hfpg-ppo-critic", "hfpg PPO (LoRA critic), KL as a loss term", kl_penalty="loss"
+)
+for _beta in (0.2, 0.3):
+    METHODS[f"hfpg-ppo-critic-klloss{_beta}"] = variant(
+        "hfpg-ppo-critic",
+        f"hfpg PPO (LoRA critic), KL as a loss term, kl_coef {_beta}",
+        kl_penalty="loss",
+        kl_coef=_beta,
+    )
 METHODS["hfpg-grpo-unwhitened"] = variant("hfpg-grpo", "hfpg GRPO-style, unwhitened", whiten_advantages=False)
 
 KL_NOTE = (
-    "beta = kl_coef = 0.1 on every side (the optional hfpg-ppo-critic-kl0.3: 0.3). hfpg PPO / RLOO: -beta * k3 per "
-    "token in the reward (the demo); hfpg GRPO / DAPO-style: beta * k3 per token as a loss term (kl_penalty: loss), "
+    "beta = kl_coef = 0.1 on every side (the optional variants: the kl_coef in their name). hfpg PPO / RLOO: -beta * "
+    "k3 per token in the reward (the demo); hfpg GRPO / DAPO-style and the critic PPO variants 'KL as a loss term': "
+    "beta * k3 per token as a loss term (kl_penalty: loss), "
     "weighted by the token's importance ratio (use_bias_correction_kl), as TRL GRPO; TRL RLOO: -beta * (sum of k1 over "
     "the completion) in the sequence reward (its only form); TRL GRPO: beta * k3 per token in the loss, weighted by "
     "the importance ratio (its default use_bias_correction_kl)"
@@ -480,31 +492,43 @@ def plot(methods: dict, path: str) -> str | None:
     except ImportError:
         print("no matplotlib: no plot")
         return None
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for method, e in methods.items():
-        if not e.get("curve"):
-            continue
+    drawn = {m: e for m, e in methods.items() if e.get("curve")}
+    # three panels: reward and KL against samples seen (seeds shaded min..max), and reward against KL (the trade the
+    # target asks about: up and to the left is better); 14 distinct colours, the legend goes below
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5.2 + 0.25 * ((len(drawn) + 3) // 4)))
+    colors = [*plt.get_cmap("tab10").colors, "black", "darkgoldenrod", "darkturquoise", "lime"]
+    for i, (method, e) in enumerate(drawn.items()):
         xs = [c["samples"] for c in e["curve"]]
         style = "-" if method.startswith("hfpg") else "--"
+        color = colors[i % len(colors)]
         for ax, key in zip(axes, ("reward", "kl")):
-            (line,) = ax.plot(xs, [c[f"{key}_mean"] for c in e["curve"]], style, marker="o", ms=3, label=e["label"])
+            ax.plot(xs, [c[f"{key}_mean"] for c in e["curve"]], style, marker="o", ms=3, color=color, label=e["label"])
             ax.fill_between(
                 xs,
                 [c[f"{key}_min"] for c in e["curve"]],
                 [c[f"{key}_max"] for c in e["curve"]],
-                alpha=0.15,
-                color=line.get_color(),
+                alpha=0.12,
+                color=color,
             )
+        kls, rewards = [c["kl_mean"] for c in e["curve"]], [c["reward_mean"] for c in e["curve"]]
+        axes[2].plot(kls, rewards, style, marker="o", ms=3, color=color)
+        axes[2].plot(kls[-1:], rewards[-1:], marker="*", ms=11, color=color)  # the end of the budget
     axes[0].set(xlabel="completions seen (training samples)", ylabel="held-out reward", title="held-out reward")
     axes[1].set(
         xlabel="completions seen (training samples)",
         ylabel="KL to reference (nats / completion)",
         title="held-out KL(policy || reference)",
     )
-    axes[0].legend(fontsize=8)
+    axes[2].set(
+        xlabel="KL to reference (nats / completion)",
+        ylabel="held-out reward",
+        title="reward against KL (mean over seeds; * = end)",
+    )
     for ax in axes:
         ax.grid(alpha=0.3)
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.02 + 0.03 * ((len(drawn) + 3) // 4), 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path

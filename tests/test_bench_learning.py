@@ -89,12 +89,21 @@ def test_target_not_evaluated_without_both_sides():
 def test_default_methods_leave_the_optional_variants_out():
     args = bench_learning.parse_args([])
     optional = {m for m, spec in bench_learning.METHODS.items() if spec.get("optional")}
-    assert optional == {"hfpg-ppo-critic-kl0.3", "hfpg-grpo-unwhitened"}
+    assert optional == {
+        "hfpg-ppo-critic-kl0.3",
+        "hfpg-ppo-critic-klloss",
+        "hfpg-ppo-critic-klloss0.2",
+        "hfpg-ppo-critic-klloss0.3",
+        "hfpg-grpo-unwhitened",
+    }
     assert not optional & set(args.methods)
     # a variant is its base with the named overrides and nothing else changed
     base, unwhitened = bench_learning.METHODS["hfpg-grpo"], bench_learning.METHODS["hfpg-grpo-unwhitened"]
     assert unwhitened["config"] == {**base["config"], "whiten_advantages": False}
     assert "whiten_advantages" not in base["config"] and unwhitened["side"] == "hfpg"
+    critic, klloss = bench_learning.METHODS["hfpg-ppo-critic"], bench_learning.METHODS["hfpg-ppo-critic-klloss0.2"]
+    assert klloss["config"] == {**critic["config"], "kl_penalty": "loss", "kl_coef": 0.2}
+    assert klloss["minibatches"] == critic["minibatches"] and klloss["label"].endswith("kl_coef 0.2")
     assert set(args.methods) == set(bench_learning.METHODS) - optional
     named = bench_learning.parse_args(["--methods", "hfpg-grpo-unwhitened,trl-grpo"])
     assert named.methods == ["hfpg-grpo-unwhitened", "trl-grpo"]
@@ -156,3 +165,29 @@ def test_hfpg_worker_applies_the_method_overrides_last():
         bench_learning_hfpg.build_recipe_dict(
             spec, {"config": k4["config"], "seed": 0, "max_steps": 24, "output_dir": "o"}
         )
+
+
+def test_plot_draws_reward_and_kl_against_samples_and_reward_against_kl(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    s = bench_learning.summarize(
+        [
+            run("hfpg-rloo", 0, [(0, 0.0, 0.0), (64, 0.2, 1.0), (128, 0.4, 3.0)]),
+            run("trl-grpo", 0, [(0, 0.0, 0.0), (64, 0.3, 2.0), (128, 0.5, 4.0)]),
+            {"name": "hfpg-ppo-s0", "method": "hfpg-ppo", "seed": 0, "error": "KeyError"},  # no curve: not drawn
+        ]
+    )
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)  # keep the figure to inspect it
+    path = bench_learning.plot(s, str(tmp_path / "bl.png"))
+    assert path and (tmp_path / "bl.png").read_bytes()[:4] == b"\x89PNG"
+    (fig,) = figures
+    reward, kl, frontier = fig.axes
+    assert [list(line.get_ydata()) for line in reward.get_lines()] == [[0.0, 0.2, 0.4], [0.0, 0.3, 0.5]]
+    assert [list(line.get_ydata()) for line in kl.get_lines()] == [[0.0, 1.0, 3.0], [0.0, 2.0, 4.0]]
+    # reward against KL: the curve and a star at the end of the budget, per method; TRL dashed
+    lines = frontier.get_lines()
+    assert [list(line.get_xdata()) for line in lines] == [[0.0, 1.0, 3.0], [3.0], [0.0, 2.0, 4.0], [4.0]]
+    assert list(lines[3].get_ydata()) == [0.5] and lines[2].get_linestyle() == "--"
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == [s["hfpg-rloo"]["label"], s["trl-grpo"]["label"]]
