@@ -104,7 +104,7 @@ METHODS["hfpg-ppo-critic-kl0.3"] = variant("hfpg-ppo-critic", "hfpg PPO (LoRA cr
 METHODS["hfpg-ppo-critic-klloss"] = variant(
     "hfpg-ppo-critic", "hfpg PPO (LoRA critic), KL as a loss term", kl_penalty="loss"
 )
-for _beta in (0.2, 0.3):
+for _beta in (0.15, 0.2, 0.3):
     METHODS[f"hfpg-ppo-critic-klloss{_beta}"] = variant(
         "hfpg-ppo-critic",
         f"hfpg PPO (LoRA critic), KL as a loss term, kl_coef {_beta}",

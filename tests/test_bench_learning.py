@@ -92,6 +92,7 @@ def test_default_methods_leave_the_optional_variants_out():
     assert optional == {
         "hfpg-ppo-critic-kl0.3",
         "hfpg-ppo-critic-klloss",
+        "hfpg-ppo-critic-klloss0.15",
         "hfpg-ppo-critic-klloss0.2",
         "hfpg-ppo-critic-klloss0.3",
         "hfpg-grpo-unwhitened",
