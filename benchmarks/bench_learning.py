@@ -104,7 +104,7 @@ METHODS["hfpg-ppo-critic-kl0.3"] = variant("hfpg-ppo-critic", "hfpg PPO (LoRA cr
 METHODS["hfpg-ppo-critic-klloss"] = variant(
     "hfpg-ppo-critic", "hfpg PPO (LoRA critic), KL as a loss term", kl_penalty="loss"
 )
-for _beta in (0.15, 0.2, 0.3):
+for _beta in (0.15, 0.18, 0.2, 0.3):
     METHODS[f"hfpg-ppo-critic-klloss{_beta}"] = variant(
         "hfpg-ppo-critic",
         f"hfpg PPO (LoRA critic), KL as a loss term, kl_coef {_beta}",
@@ -496,7 +496,7 @@ def plot(methods: dict, path: str) -> str | None:
     # three panels: reward and KL against samples seen (seeds shaded min..max), and reward against KL (the trade the
     # target asks about: up and to the left is better); 14 distinct colours, the legend goes below
     fig, axes = plt.subplots(1, 3, figsize=(17, 5.2 + 0.25 * ((len(drawn) + 3) // 4)))
-    colors = [*plt.get_cmap("tab10").colors, "black", "darkgoldenrod", "darkturquoise", "lime"]
+    colors = [*plt.get_cmap("tab10").colors, "black", "darkgoldenrod", "magenta", "lime"]
     for i, (method, e) in enumerate(drawn.items()):
         xs = [c["samples"] for c in e["curve"]]
         style = "-" if method.startswith("hfpg") else "--"

@@ -93,6 +93,7 @@ def test_default_methods_leave_the_optional_variants_out():
         "hfpg-ppo-critic-kl0.3",
         "hfpg-ppo-critic-klloss",
         "hfpg-ppo-critic-klloss0.15",
+        "hfpg-ppo-critic-klloss0.18",
         "hfpg-ppo-critic-klloss0.2",
         "hfpg-ppo-critic-klloss0.3",
         "hfpg-grpo-unwhitened",
@@ -192,3 +193,5 @@ def test_plot_draws_reward_and_kl_against_samples_and_reward_against_kl(tmp_path
     assert [list(line.get_xdata()) for line in lines] == [[0.0, 1.0, 3.0], [3.0], [0.0, 2.0, 4.0], [4.0]]
     assert list(lines[3].get_ydata()) == [0.5] and lines[2].get_linestyle() == "--"
     assert [t.get_text() for t in fig.legends[0].get_texts()] == [s["hfpg-rloo"]["label"], s["trl-grpo"]["label"]]
+    monkeypatch.undo()
+    plt.close(fig)
